@@ -151,7 +151,7 @@ def build_tiny(llm: str = "llama", hd: bool = False, seed: int = 0, template: st
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     vision = MGMVisionEncoder(config).eval()
-    model = AutoModelForCausalLM.from_config(config.llm_config).eval()
+    model = AutoModelForCausalLM.from_config(config.llm_config, dtype=torch.float32).eval()
     _bf16_exact(vision, generator)
     _bf16_exact(model, generator)
     return raw, tokenizer, config, vision, model
