@@ -112,6 +112,20 @@ def default_conv_mode(family: str, tokenizer=None, vocab_size: int | None = None
     return "vicuna_v1"
 
 
+def stop_token_ids(tokenizer, conv_mode: str) -> list[int]:
+    """EOS first, then the template's special stop tokens (LLaMA-3's <|eot_id|>, ChatML's <|im_end|>)."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab[s] for s in get_template(conv_mode).stop_token_strings if s in vocab]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def trim_answer(text: str, conv_mode: str) -> str:
+    """Decoded answer -> the text shown: cut at the template's stop strings, outer spaces removed."""
+    for stop in get_template(conv_mode).stop_strings:
+        text = text.split(stop)[0]
+    return text.strip()
+
+
 def image_placeholders(question: str, n_images: int) -> str:
     """Put the `<image>` tags first, as the original CLI does; keep tags the user already wrote."""
     if DEFAULT_IMAGE_TOKEN in question or n_images == 0:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mgm_ref.config import MGMConfig
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
-from mgm_ref.conversation import build_prompt, get_template
+from mgm_ref.conversation import build_prompt, stop_token_ids, trim_answer
 from mgm_ref.errors import MGMError, PromptError
 from mgm_ref.preprocess import ImageProcessor, PixelInputs
 from mgm_ref.tokenization import tokenizer_image_token
@@ -78,10 +78,7 @@ class MGM:
 
     # ---- text + splicing -----------------------------------------------------------------------
     def stop_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id]
-        vocab = self.tokenizer.get_vocab()
-        ids += [vocab[s] for s in get_template(self.conv_mode).stop_token_strings if s in vocab]
-        return list(dict.fromkeys(i for i in ids if i is not None))
+        return stop_token_ids(self.tokenizer, self.conv_mode)
 
     def tokenize(self, prompt: str) -> list[int]:
         return tokenizer_image_token(prompt, self.tokenizer)
@@ -162,10 +159,7 @@ class MGM:
         return results
 
     def decode(self, ids: Sequence[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in get_template(self.conv_mode).stop_strings:
-            text = text.split(stop)[0]
-        return text.strip()
+        return trim_answer(self.tokenizer.decode(ids, skip_special_tokens=True), self.conv_mode)
 
     def chat(self, question: str, images: Sequence[Image.Image], params: GenerationParams | None = None,
              history: list[tuple[str, str]] | None = None, conv_mode: str | None = None,

@@ -1,0 +1,1 @@
+"""Clients and benchmarks for the MGM Triton server."""

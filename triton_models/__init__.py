@@ -1,0 +1,1 @@
+"""Triton serving stack for MGM: the `mgm-serve` launcher and the model repository."""

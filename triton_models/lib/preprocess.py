@@ -1,0 +1,146 @@
+"""Request -> model inputs, without Triton: the logic of the `preprocessing` model.
+
+Image bytes are decoded and turned into pixels exactly as `mgm_ref` does; the chat template is
+applied and tokenised; each `<image>` (-200) becomes a run of fake ids `vocab_size + k` that select
+rows of the prompt embedding table (TensorRT-LLM's multimodal convention); stop words come in
+TensorRT-LLM's `stop_words_list` layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mgm_ref.config import MGMConfig
+from mgm_ref.constants import IMAGE_TOKEN_INDEX
+from mgm_ref.conversation import build_prompt, default_conv_mode, stop_token_ids
+from mgm_ref.errors import ImageError, PromptError
+from mgm_ref.loader import load_tokenizer
+from mgm_ref.preprocess import ImageProcessor, load_image
+from mgm_ref.tokenization import tokenizer_image_token
+
+
+@dataclass
+class ModelInputs:
+    input_ids: np.ndarray      # (L,) int32, fake ids >= vocab_size for image rows
+    images: np.ndarray         # (N, 3, 336, 336) or HD (N, 5, 3, 336, 336) float32
+    images_aux: np.ndarray     # (N, 3, S, S) float32
+    end_id: int
+    stop_words: np.ndarray     # (2, K) int32: flattened ids, then end offsets padded with -1
+
+
+def split_images(blob: np.ndarray | None, sizes: np.ndarray | None) -> list[bytes]:
+    """One UINT8 tensor holds the encoded images back to back; `sizes` gives each one's byte count."""
+    if blob is None or blob.size == 0:
+        return []
+    data = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
+    if sizes is None or len(sizes) == 0:
+        return [data]
+    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
+    if any(s <= 0 for s in sizes) or sum(sizes) != len(data):
+        raise ImageError(f"image_sizes {sizes} do not add up to the {len(data)} bytes of image_input")
+    offsets = np.cumsum([0] + sizes)
+    return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def parse_history(text: str | None) -> list[tuple[str, str]]:
+    if not text:
+        return []
+    try:
+        turns = json.loads(text)
+        if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns):
+            raise ValueError
+    except ValueError:
+        raise PromptError('history must be a JSON list of ["user text", "assistant text"] pairs') from None
+    return [tuple(t) for t in turns]
+
+
+class Preprocessor:
+    def __init__(self, model_dir: str | Path, max_input_len: int, max_images: int = 4,
+                 max_image_pixels: int = 64_000_000):
+        self.config = MGMConfig.from_model_dir(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.processor = ImageProcessor(self.config)
+        self.default_conv_mode = default_conv_mode(self.config.family, self.tokenizer)
+        self.max_input_len = max_input_len
+        self.max_images = 1 if self.config.hd else max_images
+        self.max_image_pixels = max_image_pixels
+
+    def __call__(self, query: str, images: list[bytes], history: list[tuple[str, str]] | None = None,
+                 conv_mode: str | None = None) -> ModelInputs:
+        if not query or not query.strip():
+            raise PromptError("the prompt is empty")
+        if len(images) > self.max_images:
+            raise PromptError(f"{len(images)} images given; this model takes at most {self.max_images} per request")
+        conv_mode = conv_mode or self.default_conv_mode
+        prompt = build_prompt(conv_mode, query, len(images), history)
+        ids = tokenizer_image_token(prompt, self.tokenizer)
+        n_tags = ids.count(IMAGE_TOKEN_INDEX)
+        if n_tags != len(images):
+            raise PromptError(f"the prompt has {n_tags} <image> tags but {len(images)} images were given")
+        input_ids = self.expand_image_tokens(ids)
+        if len(input_ids) > self.max_input_len:
+            raise PromptError(
+                f"the prompt is {len(input_ids)} tokens including {self.config.tokens_per_image} per image; "
+                f"max_input_len is {self.max_input_len}"
+            )
+        pils = [load_image(blob, self.max_image_pixels) for blob in images]
+        if pils:
+            pixels = self.processor(pils)
+            lr, hr = pixels.images.numpy(), pixels.images_aux.numpy()
+        else:
+            lr = np.zeros((0, *self.lr_view_shape), np.float32)
+            hr = np.zeros((0, 3, self.config.image_size_aux, self.config.image_size_aux), np.float32)
+        end_id, stop_words = self.stop_words(conv_mode)
+        return ModelInputs(np.asarray(input_ids, np.int32), lr, hr, end_id, stop_words)
+
+    @property
+    def lr_view_shape(self) -> tuple[int, ...]:
+        side = self.config.lr_size
+        return (self.config.views_per_image, 3, side, side) if self.config.hd else (3, side, side)
+
+    def expand_image_tokens(self, ids: list[int]) -> list[int]:
+        """Each -200 -> the next T fake ids; ids count on across images, as the prompt table is flat."""
+        out, next_row, t = [], self.config.vocab_size, self.config.tokens_per_image
+        for i in ids:
+            if i == IMAGE_TOKEN_INDEX:
+                out.extend(range(next_row, next_row + t))
+                next_row += t
+            else:
+                out.append(i)
+        return out
+
+    def stop_words(self, conv_mode: str) -> tuple[int, np.ndarray]:
+        end_id, *others = stop_token_ids(self.tokenizer, conv_mode)
+        return end_id, stop_words_list([[i] for i in others])
+
+
+def stop_words_list(words: list[list[int]]) -> np.ndarray:
+    """TensorRT-LLM layout: row 0 the ids of all words back to back, row 1 their end offsets, -1 padded."""
+    flat = [i for w in words for i in w]
+    offsets = np.cumsum([len(w) for w in words]).tolist()
+    width = max(len(flat), 1)
+    out = np.full((2, width), -1, dtype=np.int32)
+    out[0, :len(flat)] = flat
+    out[1, :len(offsets)] = offsets
+    if not flat:
+        out[0, 0] = 0  # TensorRT-LLM expects a non-empty row; offset -1 marks "no words"
+    return out
+
+
+def single_token_stops(stop_words: np.ndarray | None) -> list[int]:
+    """The single-token stop words of a stop_words_list (what the CPU engine stops on)."""
+    if stop_words is None or stop_words.size == 0:
+        return []
+    ids, offsets = stop_words.reshape(2, -1)
+    stops, start = [], 0
+    for end in offsets:
+        if end < 0:
+            break
+        if end - start == 1:
+            stops.append(int(ids[start]))
+        start = end
+    return stops

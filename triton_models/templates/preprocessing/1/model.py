@@ -1,0 +1,42 @@
+"""Triton glue for triton_models.lib.preprocess.Preprocessor (one response per request)."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_models.lib.preprocess import Preprocessor, parse_history, split_images
+from triton_models.lib.triton_io import error_response, optional_input, params_of, string_input
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = params_of(json.loads(args["model_config"]))
+        self.max_seq_len = int(params["max_seq_len"])
+        self.preprocessor = Preprocessor(params["model_dir"], int(params["max_input_len"]),
+                                         int(params["max_images_per_request"]))
+
+    def execute(self, requests):
+        return [self.handle(request) for request in requests]
+
+    def handle(self, request):
+        try:
+            query = string_input(request, "QUERY")
+            images = split_images(optional_input(request, "IMAGE"), optional_input(request, "IMAGE_SIZES"))
+            inputs = self.preprocessor(query, images, parse_history(string_input(request, "HISTORY")),
+                                       string_input(request, "CONV_MODE"))
+            output_len = int(optional_input(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
+            if len(inputs.input_ids) + output_len > self.max_seq_len:
+                raise ValueError(f"prompt ({len(inputs.input_ids)} tokens) + max_tokens ({output_len}) exceeds "
+                                 f"max_seq_len ({self.max_seq_len})")
+            tensors = {
+                "INPUT_ID": inputs.input_ids[None],
+                "REQUEST_INPUT_LEN": np.array([[len(inputs.input_ids)]], np.int32),
+                "IMAGES": inputs.images[None],
+                "IMAGES_AUX": inputs.images_aux[None],
+                "END_ID": np.array([[inputs.end_id]], np.int32),
+                "STOP_WORDS_IDS": inputs.stop_words[None],
+            }
+            return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()])
+        except Exception as e:  # noqa: BLE001 - every failure becomes this request's error, never the batch's
+            return error_response(e)

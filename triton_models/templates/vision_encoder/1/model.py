@@ -1,0 +1,36 @@
+"""Triton glue for triton_models.lib.vision_runner: all images of a batch of requests run together."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_models.lib.triton_io import error_response, optional_input, params_of
+from triton_models.lib.vision_runner import VisionRunner
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = params_of(json.loads(args["model_config"]))
+        threads = int(params.get("threads") or 0) or None
+        self.runner = VisionRunner(params["vision_dir"], threads)
+        # The table goes to the LLM in its dtype (fp32 on the CPU path, fp16 for TensorRT-LLM).
+        out = pb_utils.get_output_config_by_name(json.loads(args["model_config"]), "OUT_PROMPT_EMBEDDING_TABLE")
+        self.table_dtype = pb_utils.triton_string_to_numpy(out["data_type"])
+
+    def execute(self, requests):
+        try:
+            images = [optional_input(r, "IMAGES")[0] for r in requests]
+            images_aux = [optional_input(r, "IMAGES_AUX")[0] for r in requests]
+            feats = self.runner(np.concatenate(images), np.concatenate(images_aux))
+        except Exception as e:  # noqa: BLE001 - the whole batch failed in one call: tell every request
+            return [error_response(e) for _ in requests]
+        responses, start = [], 0
+        for img in images:
+            rows = feats[start:start + len(img)].reshape(-1, feats.shape[-1]).astype(self.table_dtype)
+            start += len(img)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT_PROMPT_EMBEDDING_TABLE", rows[None]),
+                pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
+            ]))
+        return responses
