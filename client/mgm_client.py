@@ -1,0 +1,241 @@
+"""Client library for an MGM Triton server (gRPC or HTTP), used by mgm-client, mgm-bench and the demo.
+
+    client = MGMClient("localhost:8001")                   # gRPC; "localhost:8000", protocol="http"
+    answer = client.generate("What is this?", images=["cat.jpg"], max_tokens=64)
+    for delta in client.stream("Describe it.", images=["cat.jpg"]):
+        print(delta, end="", flush=True)
+
+Requests go to the streaming BLS model `mgm_bls` (or `ensemble`, which gives one answer). Both are
+decoupled, so gRPC uses the streaming RPC even for one answer and HTTP uses the generate extension
+(`/generate`, `/generate_stream`): plain `/infer` does not serve decoupled models.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+class ClientError(RuntimeError):
+    """The server is unreachable, not ready, or answered with an error (its message is kept)."""
+
+
+@dataclass
+class Answer:
+    text: str
+    output_tokens: int = 0
+    ttft_ms: float = 0.0               # server-side, from the BLS
+    latency_s: float = 0.0             # client-side, whole request
+    client_ttft_s: float | None = None  # client-side, first streamed text
+    chunks: list[str] = field(default_factory=list)
+
+
+def read_image(image: str | Path | bytes) -> bytes:
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    try:
+        return Path(image).read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read image {image}: {e.strerror or e}") from None
+
+
+@dataclass
+class RequestSpec:
+    prompt: str
+    images: Sequence[str | Path | bytes] = ()
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    conv_mode: str | None = None
+    history: Sequence[tuple[str, str]] | None = None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Client tensor name -> value without the batch dim (the model's input interface)."""
+        blobs = [read_image(i) for i in self.images]
+        out: dict[str, np.ndarray] = {
+            "text_input": np.array([self.prompt.encode()], dtype=np.object_),
+            "max_tokens": np.array([self.max_tokens], np.int32),
+        }
+        if blobs:
+            out["image_input"] = np.frombuffer(b"".join(blobs), np.uint8)
+            if len(blobs) > 1:
+                out["image_sizes"] = np.array([len(b) for b in blobs], np.int32)
+        optional = {"temperature": (self.temperature, np.float32), "top_p": (self.top_p, np.float32),
+                    "top_k": (self.top_k, np.int32), "seed": (self.seed, np.uint64)}
+        for name, (value, dtype) in optional.items():
+            if value is not None:
+                out[name] = np.array([value], dtype)
+        if self.conv_mode:
+            out["conv_mode"] = np.array([self.conv_mode.encode()], dtype=np.object_)
+        if self.history:
+            out["history"] = np.array([json.dumps([list(t) for t in self.history]).encode()], dtype=np.object_)
+        return out
+
+
+class MGMClient:
+    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "mgm_bls",
+                 timeout_s: float = 600.0):
+        if protocol not in ("grpc", "http"):
+            raise ClientError(f"protocol must be grpc or http, got {protocol!r}")
+        self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
+
+    # ---- health -------------------------------------------------------------------------------
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                if self._model_ready():
+                    return
+                last = f"model {self.model!r} is not ready"
+            except Exception as e:  # noqa: BLE001 - connection refused and friends
+                last = f"cannot reach the server at {self.url} ({type(e).__name__}: {e})"
+            time.sleep(0.2)
+        raise ClientError(last)
+
+    def _model_ready(self) -> bool:
+        if self.protocol == "grpc":
+            import tritonclient.grpc as grpcclient
+            return grpcclient.InferenceServerClient(self.url).is_model_ready(self.model)
+        with urllib.request.urlopen(f"http://{self.url}/v2/models/{self.model}/ready", timeout=5) as r:
+            return r.status == 200
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, prompt: str, images=(), **kwargs) -> Answer:
+        """One whole answer (the server still streams internally; this waits for the end)."""
+        return self._run(RequestSpec(prompt, images, **kwargs), stream=False)
+
+    def stream(self, prompt: str, images=(), **kwargs) -> Iterator[str]:
+        """Text deltas as the server produces them."""
+        answer_box: list[Answer] = []
+        yield from self._iter(RequestSpec(prompt, images, **kwargs), stream=True, answer_box=answer_box)
+
+    def stream_answer(self, prompt: str, images=(), on_delta=None, **kwargs) -> Answer:
+        """Stream, calling on_delta(text) per chunk, and return the whole Answer with timings."""
+        return self._run(RequestSpec(prompt, images, **kwargs), stream=True, on_delta=on_delta)
+
+    def _run(self, spec: RequestSpec, stream: bool, on_delta=None) -> Answer:
+        box: list[Answer] = []
+        for delta in self._iter(spec, stream, box):
+            if on_delta:
+                on_delta(delta)
+        return box[0]
+
+    def _iter(self, spec: RequestSpec, stream: bool, answer_box: list) -> Iterator[str]:
+        tensors = spec.tensors()
+        if self.model == "mgm_bls":
+            tensors["stream"] = np.array([stream])
+        start = time.perf_counter()
+        answer = Answer(text="")
+        source = self._grpc(tensors) if self.protocol == "grpc" else self._http(tensors, stream)
+        for out in source:
+            text = out.get("text_output", "")
+            if text and answer.client_ttft_s is None:
+                answer.client_ttft_s = time.perf_counter() - start
+            answer.output_tokens = int(out.get("output_token_count", answer.output_tokens))
+            answer.ttft_ms = float(out.get("time_to_first_token_ms", answer.ttft_ms))
+            if text:
+                answer.chunks.append(text)
+                yield text
+        answer.text = "".join(answer.chunks)
+        answer.latency_s = time.perf_counter() - start
+        answer_box.append(answer)
+
+    def _grpc(self, tensors: dict[str, np.ndarray]) -> Iterator[dict]:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        inputs = []
+        for name, value in tensors.items():
+            inp = grpcclient.InferInput(name, [1, *value.shape], np_to_triton_dtype(value.dtype))
+            inp.set_data_from_numpy(value[None])
+            inputs.append(inp)
+        results: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                stream_timeout=self.timeout_s)
+            client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = results.get(timeout=self.timeout_s)
+                except queue.Empty:
+                    raise ClientError(f"no answer from {self.url} within {self.timeout_s:.0f} s") from None
+                if error is not None:
+                    raise ClientError(_message(error))
+                yield _outputs(result)
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return
+        except InferenceServerException as e:
+            raise ClientError(_message(e)) from None
+        finally:
+            try:
+                client.stop_stream(cancel_requests=True)
+            finally:
+                client.close()
+
+    def _http(self, tensors: dict[str, np.ndarray], stream: bool) -> Iterator[dict]:
+        body = {name: (value.tolist() if value.dtype != np.object_ else value[0].decode())
+                for name, value in tensors.items()}
+        for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stream"):
+            if name in body:
+                body[name] = body[name][0]
+        endpoint = "generate_stream" if stream else "generate"
+        req = urllib.request.Request(f"http://{self.url}/v2/models/{self.model}/{endpoint}",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                if not stream:
+                    yield _http_outputs(json.loads(resp.read()))
+                    return
+                for raw in resp:
+                    line = raw.decode().strip()
+                    if line.startswith("data:"):
+                        yield _http_outputs(json.loads(line[5:]))
+        except urllib.error.HTTPError as e:
+            raise ClientError(_http_error(e)) from None
+        except urllib.error.URLError as e:
+            raise ClientError(f"cannot reach the server at {self.url}: {e.reason}") from None
+
+
+def _outputs(result) -> dict:
+    out = {}
+    for name in ("text_output", "output_token_count", "time_to_first_token_ms"):
+        value = result.as_numpy(name)
+        if value is not None:
+            v = value.reshape(-1)[0]
+            out[name] = v.decode() if isinstance(v, bytes) else v.item()
+    return out
+
+
+def _http_outputs(obj: dict) -> dict:
+    if "error" in obj:
+        raise ClientError(obj["error"])
+    out = {}
+    for name in ("text_output", "output_token_count", "time_to_first_token_ms"):
+        if name in obj:
+            value = obj[name]
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
+
+
+def _message(error) -> str:
+    msg = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
+    return msg.removeprefix("[StatusCode.INTERNAL] ").removeprefix("[StatusCode.INVALID_ARGUMENT] ")
+
+
+def _http_error(e) -> str:
+    try:
+        return json.loads(e.read()).get("error", str(e))
+    except Exception:  # noqa: BLE001
+        return str(e)
