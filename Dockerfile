@@ -1,0 +1,29 @@
+# GPU serving image for mgm-deploy: NGC Triton with TensorRT-LLM 1.2.x (the last release line with
+# the TensorRT-engine + prompt-table path that this stack targets). Not buildable on our CPU-only
+# machines (no Docker engine there); see README "GPU flow".
+#
+#   docker build -t mgm-deploy .
+#   docker run --rm -it --gpus all --net host --shm-size=2g --ulimit memlock=-1 --ulimit stack=67108864 \
+#       -v /models:/models mgm-deploy
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
+FROM ${TRITON_IMAGE}
+
+WORKDIR /opt/mgm-deploy
+COPY pyproject.toml README.md ./
+COPY mgm_ref mgm_ref
+COPY build_engines build_engines
+COPY triton_models triton_models
+COPY client client
+
+# Keep the image's torch, TensorRT, TensorRT-LLM, ModelOpt and tritonclient: install the project
+# without dependency resolution, then only what the image lacks.
+RUN pip install --no-cache-dir --no-deps -e . \
+ && pip install --no-cache-dir "onnxscript>=0.2" "sentencepiece>=0.2"
+
+# The GPU flow (README): build the vision engine and the LLM engine, fill the repository, serve.
+#   mgm-build vision --model_dir /models/MGM-7B --output_dir /engines/mgm7b/vision --dtype float16
+#   mgm-build llm    --model_dir /models/MGM-7B --output_dir /engines/mgm7b/llm_ckpt --qformat fp8 --build
+#   mgm-build repo   --model_dir /models/MGM-7B --engine_dir /engines/mgm7b --output_dir /repo --backend gpu
+#   mgm-serve --model_repo /repo --host 0.0.0.0
+EXPOSE 8000 8001 8002
+CMD ["bash"]
