@@ -4,9 +4,11 @@ One engine thread owns the HF causal LM (LlamaForCausalLM, GemmaForCausalLM, Mix
 built by `mgm_ref.loader.load_llm`). Each loop turn it
 
 1. drops cancelled requests (their slot is free at once),
-2. admits queued requests into free slots (at most `max_batch_size` run at a time): each newcomer is
-   prefilled alone (its prompt embedded, fake ids spliced from its prompt table), its first token is
-   sampled, and its KV cache is merged into the running batch,
+2. admits queued requests into free slots (at most `max_batch_size` run or prefill at a time) and
+   prefills them one by one, each alone in its own cache (prompt embedded, fake ids spliced from its
+   prompt table): whole prompts by default, or at most `prefill_chunk` prompt tokens per turn (chunked
+   prefill, so that the running streams keep decoding during a long prompt). A finished prefill samples
+   the request's first token and merges its KV cache into the running batch,
 3. runs ONE batched decode forward for every running request, samples all next tokens in one call,
    streams them to the handles, and removes the finished rows.
 
@@ -23,10 +25,15 @@ re-concatenation of the cache); capacity grows geometrically. Columns are only m
 joins with a prompt longer than L (the others shift right), when a row leaves (the last row moves into
 its slot) or when every remaining row carries a lot of left padding (all shift left).
 
-API (all thread-safe except where noted):
+On CPU, a model with grouped K/V heads runs on the "sdpa_native_gqa" attention backend while the
+engine lives (see triton_models.lib.attention; `native_gqa=False` opts out).
+
+API (thread-safe; handles are consumed by one thread each):
     engine = LLMEngine(llm, max_batch_size=8, device="cpu")
-    handle = engine.submit(GenerationRequest(input_ids, prompt_table, max_new_tokens=..., ...))
+    handle = engine.submit(GenerationRequest(input_ids, prompt_table, max_new_tokens=..., ...),
+                           callback=None)   # optional callback(handle, token | None, final) in the engine thread
     for token in handle: ...            # streams new ids; raises the request's error, if any
+    handle.poll()                       # non-blocking: (new tokens, finished)
     handle.cancel()                     # stops it at the next step, frees the slot
     engine.generate(request)            # -> list[int]
     engine.stats / engine.snapshot()    # counters: steps, batched_steps, max_batch_seen, tokens_generated, ...
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import queue
 import random
 import threading
@@ -51,6 +59,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from triton_models.lib import attention
 from triton_models.lib.sampling import RowSampling, sample_next
 
 log = logging.getLogger(__name__)
@@ -186,6 +195,19 @@ class RequestHandle:
             self._callback(self, token, final)
         except Exception:  # never let a consumer's callback break the engine thread
             log.exception("token callback of request %r failed", self.request_id)
+
+
+def _integer(value, name: str, minimum: int | None = None) -> int:
+    """An int (numpy integers too; not bool, not float) at least `minimum`, else ValueError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return out
 
 
 # ---- batched KV cache ----------------------------------------------------------------------------
@@ -333,17 +355,36 @@ class _Active:
     last_token: int = -1
 
 
+@dataclass
+class _Prefill:
+    state: _Active
+    embeds: torch.Tensor          # (1, n, hidden) spliced prompt
+    cache: DynamicCache           # this request's own cache until it joins the batch
+    done: int = 0                 # prompt tokens prefilled so far
+
+
 class LLMEngine:
     """In-flight batching generation over an HF causal LM, driven by one engine thread."""
 
     def __init__(self, llm, max_batch_size: int = 8, device: str | torch.device = "cpu",
-                 num_threads: int | None = None, max_prefills_per_step: int | None = None):
+                 num_threads: int | None = None, prefill_chunk: int | None = None,
+                 native_gqa: bool = True):
+        """`num_threads`: torch.set_num_threads in the engine thread (process-wide; None leaves it).
+        `prefill_chunk`: at most this many prompt tokens are prefilled between two decode steps (chunked
+        prefill: running streams keep flowing while a long prompt is prefilled, at some cost in TTFT).
+        None: newcomers are prefilled whole before the next decode step (bit-exact with a solo run).
+        `native_gqa`: on CPU, switch an "sdpa" model with grouped K/V heads to the equivalent
+        "sdpa_native_gqa" backend (triton_models.lib.attention) while the engine runs; it avoids copying
+        the KV cache per layer and step under a padding mask. The original backend is restored by shutdown().
+        """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.llm = llm
         self.device = torch.device(device)
         self.max_batch_size = max_batch_size
-        self.max_prefills_per_step = max_prefills_per_step
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.num_threads = num_threads
         cfg = llm.config
         self.embed = llm.get_input_embeddings()
@@ -355,12 +396,17 @@ class LLMEngine:
         self.dtype = self.embed.weight.dtype
         window = getattr(cfg, "sliding_window", None)
         self.sliding_window = window if window and getattr(cfg, "use_sliding_window", True) else None
+        self._restore_attn = None
+        if native_gqa and attention.wants_native_gqa(llm, self.device):
+            self._restore_attn = cfg._attn_implementation
+            llm.set_attn_implementation(attention.register())
         self.attn_impl = getattr(cfg, "_attn_implementation", "sdpa") or "sdpa"
         self.cache = BatchKVCache(int(cfg.num_hidden_layers), max_batch_size)
 
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._active: list[_Active] = []
+        self._prefilling: list[_Prefill] = []   # admitted (slot reserved), prompt not fully prefilled yet
         self._stop = False
         self.stats: dict[str, int] = dict(steps=0, batched_steps=0, max_batch_seen=0, tokens_generated=0,
                                           prefills=0, prefill_tokens=0, completed=0, cancelled=0, failed=0)
@@ -395,6 +441,10 @@ class LLMEngine:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if self._restore_attn is not None and not self._thread.is_alive():
+            if self.llm.config._attn_implementation == attention.NAME:
+                self.llm.set_attn_implementation(self._restore_attn)
+            self._restore_attn = None
 
     def __enter__(self) -> "LLMEngine":
         return self
@@ -416,7 +466,7 @@ class LLMEngine:
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus the current occupancy."""
-        return dict(self.stats, active=len(self._active), pending=len(self._pending),
+        return dict(self.stats, active=len(self._active), pending=len(self._pending), prefilling=len(self._prefilling),
                     cache_length=self.cache.length, moved_columns=self.cache.moved_columns)
 
     # ---- validation ------------------------------------------------------------------------------
@@ -456,10 +506,9 @@ class LLMEngine:
             if highest - self.vocab_size >= rows:
                 raise ValueError(f"fake id {highest} selects prompt_table row {highest - self.vocab_size} but the "
                                  f"table has {rows} rows (ids must be < {self.vocab_size + rows})")
-        if not isinstance(r.max_new_tokens, int) or isinstance(r.max_new_tokens, bool) or r.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {r.max_new_tokens!r}")
-        if ids.numel() + r.max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({r.max_new_tokens}) exceeds the "
+        max_new = _integer(r.max_new_tokens, "max_new_tokens", minimum=1)
+        if ids.numel() + max_new > self.max_positions:
+            raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new}) exceeds the "
                              f"model's {self.max_positions} positions")
         try:
             temperature, top_p = float(r.temperature), float(r.top_p)
@@ -469,19 +518,17 @@ class LLMEngine:
             raise ValueError(f"temperature must be a finite number >= 0, got {r.temperature!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {r.top_p!r}")
-        if not isinstance(r.top_k, int) or isinstance(r.top_k, bool) or r.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {r.top_k!r}")
-        if r.seed is not None and (not isinstance(r.seed, int) or isinstance(r.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {r.seed!r}")
+        top_k = _integer(r.top_k, "top_k", minimum=0)
+        seed = None if r.seed is None else _integer(r.seed, "seed")
         try:
             stops = frozenset(int(s) for s in r.stop_ids)
         except (TypeError, ValueError):
             raise ValueError("stop_ids must be a list of integers") from None
-        sampling = RowSampling(temperature=temperature, top_p=top_p, top_k=r.top_k)
+        sampling = RowSampling(temperature=temperature, top_p=top_p, top_k=top_k)
         if not sampling.greedy:
-            seed = r.seed if r.seed is not None else random.getrandbits(63)
+            seed = seed if seed is not None else random.getrandbits(63)
             sampling.generator = torch.Generator().manual_seed(seed % (2 ** 64))
-        return ids, table, (sampling, stops)
+        return ids, table, (sampling, stops, max_new)
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -495,14 +542,15 @@ class LLMEngine:
                     log.exception("dropping cancelled requests failed")
                     self._fail_active(e)
                 with self._cond:
-                    while not self._stop and not self._pending and not self._active:
+                    while not self._stop and not self._pending and not self._active and not self._prefilling:
                         self._cond.wait()
                     if self._stop:
                         break
                     newcomers = self._take_newcomers()
                 try:
                     for handle in newcomers:
-                        self._admit(handle)
+                        self._start_prefill(handle)
+                    self._prefill_work()
                     if self._active:
                         self._decode_step()
                 except Exception as e:  # a bug in the loop itself: fail the batch, keep serving
@@ -511,9 +559,7 @@ class LLMEngine:
         self._shutdown_requests()
 
     def _take_newcomers(self) -> list[RequestHandle]:
-        free = self.max_batch_size - len(self._active)
-        if self.max_prefills_per_step is not None:
-            free = min(free, self.max_prefills_per_step)
+        free = self.max_batch_size - len(self._active) - len(self._prefilling)
         out = []
         while self._pending and len(out) < free:
             out.append(self._pending.popleft())
@@ -536,6 +582,10 @@ class LLMEngine:
         handle._finish(reason, error)
 
     def _drop_cancelled(self) -> None:
+        if any(p.state.handle.cancelled for p in self._prefilling):
+            for p in [p for p in self._prefilling if p.state.handle.cancelled]:
+                self._end(p.state.handle, "cancelled")
+            self._prefilling = [p for p in self._prefilling if not p.state.handle.done]
         for row in range(len(self._active) - 1, -1, -1):
             if self._active[row].handle.cancelled:
                 self._remove(row, "cancelled")
@@ -563,9 +613,9 @@ class LLMEngine:
         err = EngineShutdown("the engine was shut down before the request finished")
         for h in waiting:
             self._end(h, "shutdown", err)
-        for state in self._active:
+        for state in self._active + [p.state for p in self._prefilling]:
             self._end(state.handle, "shutdown", err)
-        self._active = []
+        self._active, self._prefilling = [], []
         self.cache.release()
 
     # ---- prefill / decode ------------------------------------------------------------------------
@@ -582,29 +632,48 @@ class LLMEngine:
             embeds[fake] = picked
         return embeds
 
-    def _admit(self, handle: RequestHandle) -> None:
+    def _start_prefill(self, handle: RequestHandle) -> None:
         if handle.cancelled:
             self._end(handle, "cancelled")
             return
-        sampling, stops = handle._sampling
-        state = _Active(handle, sampling, stops, handle.request.max_new_tokens)
+        sampling, stops, max_new = handle._sampling
+        state = _Active(handle, sampling, stops, max_new)
         try:
             embeds = self._embed_prompt(handle)[None]
-            n = embeds.shape[1]
-            positions = torch.arange(n, device=self.device)
-            prefill_cache = DynamicCache()
-            out = self.llm(inputs_embeds=embeds, position_ids=positions[None], past_key_values=prefill_cache,
-                           use_cache=True, cache_position=positions, logits_to_keep=1)
-            token = int(sample_next(out.logits[:, -1], [sampling])[0])
-            self.stats["prefills"] += 1
-            self.stats["prefill_tokens"] += n
-            if self._emit(state, token):
-                kv = [(layer.keys, layer.values) for layer in prefill_cache.layers]
-                self.cache.add_row(kv)
-                self._active.append(state)
         except Exception as e:
-            log.info("request %r failed in prefill: %s", handle.request_id, e)
+            log.info("request %r failed: %s", handle.request_id, e)
             self._end(handle, "error", e)
+            return
+        self._prefilling.append(_Prefill(state, embeds, DynamicCache()))
+
+    def _prefill_work(self) -> None:
+        """Prefill queued prompts, oldest first, within this turn's token budget (prefill_chunk)."""
+        budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
+        while self._prefilling and budget > 0:
+            p = self._prefilling[0]
+            n = p.embeds.shape[1]
+            take = int(min(n - p.done, budget))
+            try:
+                positions = torch.arange(p.done, p.done + take, device=self.device)
+                out = self.llm(inputs_embeds=p.embeds[:, p.done:p.done + take], position_ids=positions[None],
+                               past_key_values=p.cache, use_cache=True, cache_position=positions,
+                               logits_to_keep=1)
+                p.done += take
+                budget -= take
+                self.stats["prefill_tokens"] += take
+                if p.done < n:
+                    continue
+                self._prefilling.pop(0)
+                self.stats["prefills"] += 1
+                token = int(sample_next(out.logits[:, -1], [p.state.sampling])[0])
+                if self._emit(p.state, token):
+                    self.cache.add_row([(layer.keys, layer.values) for layer in p.cache.layers])
+                    self._active.append(p.state)
+            except Exception as e:
+                log.info("request %r failed in prefill: %s", p.state.handle.request_id, e)
+                if self._prefilling and self._prefilling[0] is p:
+                    self._prefilling.pop(0)
+                self._end(p.state.handle, "error", e)
 
     def _emit(self, state: _Active, token: int) -> bool:
         """Deliver one token; returns False when the request is finished."""
@@ -629,7 +698,7 @@ class LLMEngine:
         allowed = cols[None, :] >= pads[:, None]
         if self.sliding_window is not None:
             allowed &= cols[None, :] > c.length - self.sliding_window
-        if self.attn_impl == "sdpa":
+        if self.attn_impl in ("sdpa", attention.NAME):
             return allowed[:, None, None, :]
         if self.attn_impl == "eager":
             mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)

@@ -1,0 +1,1 @@
+"""Web demo for an MGM Triton server: `mgm-web` (client.web.server)."""
