@@ -177,7 +177,10 @@ class MGMClient:
                 if result.get_response().parameters["triton_final_response"].bool_param:
                     return
         except InferenceServerException as e:
-            raise ClientError(_message(e)) from None
+            message = _message(e)
+            if "no longer in valid state" in message or "failed to connect" in message.lower():
+                message = f"cannot reach the server at {self.url} over gRPC ({message})"
+            raise ClientError(message) from None
         finally:
             try:
                 client.stop_stream(cancel_requests=True)

@@ -21,7 +21,7 @@ from mgm_ref.model import MGM, GenerationParams
 from mgm_ref.preprocess import load_image
 from mgm_ref.tiny import build_tiny
 from mgm_ref.tokenization import tokenizer_image_token
-from tests.conftest import random_image, rel_l2
+from tests.conftest import random_image
 
 Q = "What is in the picture?"
 
