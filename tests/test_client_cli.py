@@ -17,8 +17,7 @@ from client import cli, generation
 from client.generation import extract_image_prompt, generate_from_answer
 from client.ocr import add_ocr_reference, ocr_tokens
 from mgm_ref.conversation import TEMPLATES, build_prompt
-from tests.conftest import random_image
-from tests.test_serving import Served, png
+from tests.conftest import png, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8
@@ -209,10 +208,8 @@ def test_cli_model_not_ready_is_a_clear_error(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoints, tmp_path_factory):
-    s = Served(tiny_checkpoints("llama"), tmp_path_factory.mktemp("cli-serve"))
-    yield s
-    s.server.stop()
+def served(served_llama):
+    return served_llama
 
 
 @pytest.fixture(scope="module")

@@ -2,69 +2,25 @@
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from build_engines.vision import build_vision
-from client.mgm_client import ClientError, MGMClient
-from mgm_ref.loader import load_model
-from mgm_ref.model import GenerationParams
-from mgm_ref.preprocess import load_image
-from triton_models.repo_builder import build_repo
-from triton_models.server import TritonServer, port_is_free
-from tests.conftest import random_image
+from client.mgm_client import ClientError
+from tests.conftest import png, random_image, serve
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 10
 
 
-def png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-class Served:
-    """A tiny checkpoint served end to end, plus its mgm_ref oracle."""
-
-    def __init__(self, ckpt, tmp):
-        self.ref = load_model(ckpt)
-        build_vision(self.ref.vision, self.ref.config, tmp / "engines" / "vision", dtype="float32",
-                     backend="onnxruntime", max_batch_size=4, verify=False, log=lambda m: None)
-        repo = build_repo(ckpt, tmp / "engines", tmp / "repo", backend="cpu", max_batch_size=8)
-        self.server = TritonServer(repo).start(timeout=300)
-
-    def client(self, protocol="grpc", model="mgm_bls") -> MGMClient:
-        url = self.server.grpc_url if protocol == "grpc" else self.server.http_url
-        return MGMClient(url, protocol=protocol, model=model, timeout_s=120)
-
-    def expected(self, prompt, images, max_tokens=MAX_TOKENS) -> tuple[str, int]:
-        pils = [load_image(b) for b in images]
-        params = GenerationParams(max_new_tokens=max_tokens, temperature=0)
-        from mgm_ref.conversation import build_prompt
-        ids = self.ref.generate([self.ref.tokenize(build_prompt(self.ref.conv_mode, prompt, len(pils)))],
-                                self.ref.image_features(pils) if pils else None, params)[0]
-        return self.ref.decode(ids), len(ids)
-
-
-def serve(tiny_checkpoints, tmp_path_factory, llm, hd=False):
-    served = Served(tiny_checkpoints(llm, hd), tmp_path_factory.mktemp(f"serve-{llm}{'-hd' if hd else ''}"))
-    yield served
-    ports = served.server.ports
-    served.server.stop()
-    assert all(port_is_free(p) for p in ports), "the server left a port bound"
-
-
 @pytest.fixture(scope="module")
-def llama(tiny_checkpoints, tmp_path_factory):
-    yield from serve(tiny_checkpoints, tmp_path_factory, "llama")
+def llama(served_llama):
+    return served_llama
 
 
 @pytest.fixture(scope="module")
 def gemma(tiny_checkpoints, tmp_path_factory):
-    yield from serve(tiny_checkpoints, tmp_path_factory, "gemma", hd=False)
+    yield from serve(tiny_checkpoints, tmp_path_factory, "gemma")
 
 
 IMAGE = png(random_image(480, 320, seed=11))

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from client.web.server import WebDemo, make_server
-from tests.conftest import random_image
 from tests.test_client_cli import OCR_WORDS, text_image
-from tests.test_serving import Served, png
+from tests.conftest import png, random_image
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 8
@@ -29,10 +28,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoints, tmp_path_factory):
-    s = Served(tiny_checkpoints("llama"), tmp_path_factory.mktemp("web-serve"))
-    yield s
-    s.server.stop()
+def served(served_llama):
+    return served_llama
 
 
 @pytest.fixture(scope="module")
