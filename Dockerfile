@@ -22,7 +22,7 @@ RUN pip install --no-cache-dir --no-deps -e . \
 
 # The GPU flow (README): build the vision engine and the LLM engine, fill the repository, serve.
 #   mgm-build vision --model_dir /models/MGM-7B --output_dir /engines/mgm7b/vision --dtype float16
-#   mgm-build llm    --model_dir /models/MGM-7B --output_dir /engines/mgm7b/llm_ckpt --qformat fp8 --build
+#   mgm-build llm    --model_dir /models/MGM-7B --output_dir /engines/mgm7b/llm --qformat fp8 --build
 #   mgm-build repo   --model_dir /models/MGM-7B --engine_dir /engines/mgm7b --output_dir /repo --backend gpu
 #   mgm-serve --model_repo /repo --host 0.0.0.0
 EXPOSE 8000 8001 8002

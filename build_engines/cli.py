@@ -1,7 +1,7 @@
 """`mgm-build`: one CLI for every build step.
 
     mgm-build vision --model_dir CKPT --output_dir ENGINES/vision [--backend tensorrt|tensorrt_rtx|onnxruntime]
-    mgm-build llm    --model_dir CKPT --output_dir ENGINES/llm_ckpt [--qformat fp8] [--tp_size 2] [--build]
+    mgm-build llm    --model_dir CKPT --output_dir ENGINES/llm [--qformat fp8] [--tp_size 2] [--build]
     mgm-build repo   --model_dir CKPT --engine_dir ENGINES --output_dir REPO --backend cpu|gpu
 """
 

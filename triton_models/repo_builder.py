@@ -3,8 +3,9 @@
     mgm-build repo --model_dir CKPT --engine_dir ENGINES --output_dir REPO --backend cpu|gpu
 
 ENGINES follows TensorRT-LLM's layout: `vision/` (from `mgm-build vision`: an ONNX Runtime artifact
-for cpu, a TensorRT engine for gpu) and, for gpu, `llm/` (from `mgm-build llm --build`). On cpu the
-LLM runs from the checkpoint itself (PyTorch, in-flight batching).
+for cpu, a TensorRT engine for gpu) and, for gpu, `llm/` (`mgm-build llm --output_dir ENGINES/llm
+--build`: the engine in `llm/engine/`, the fake-id offset in `llm/build_info.json`). On cpu the LLM
+runs from the checkpoint itself (PyTorch, in-flight batching).
 """
 
 from __future__ import annotations
@@ -70,11 +71,17 @@ def template_values(model_dir: Path, engine_dir: Path, backend: str, max_batch_s
         "prompt_table_type": "TYPE_FP32" if backend == "cpu" else "TYPE_FP16",
         "max_active_requests": max_batch_size,
         "llm_threads": os.cpu_count() or 1,
+        "vocab_offset": config.vocab_size,
     }
     if backend == "gpu":
-        if not (engine_dir / "llm" / "config.json").is_file():
-            raise CheckpointError(f"{engine_dir}: no llm/config.json; build it with `mgm-build llm --build`")
-        values["llm_engine_dir"] = (engine_dir / "llm").resolve()
+        llm = engine_dir / "llm"
+        if not (llm / "engine" / "config.json").is_file():
+            raise CheckpointError(f"{engine_dir}: no llm/engine/config.json; build it with "
+                                  f"`mgm-build llm --output_dir {llm} --build`")
+        values["llm_engine_dir"] = (llm / "engine").resolve()
+        info = llm / "build_info.json"
+        if info.is_file():  # a padded vocabulary (e.g. INT4 AWQ) moves the first fake id
+            values["vocab_offset"] = json.loads(info.read_text()).get("prompt_table_vocab_offset", config.vocab_size)
     return values
 
 

@@ -60,7 +60,7 @@ def parse_history(text: str | None) -> list[tuple[str, str]]:
 
 class Preprocessor:
     def __init__(self, model_dir: str | Path, max_input_len: int, max_images: int = 4,
-                 max_image_pixels: int = 64_000_000):
+                 max_image_pixels: int = 64_000_000, vocab_offset: int | None = None):
         self.config = MGMConfig.from_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.processor = ImageProcessor(self.config)
@@ -68,6 +68,8 @@ class Preprocessor:
         self.max_input_len = max_input_len
         self.max_images = 1 if self.config.hd else max_images
         self.max_image_pixels = max_image_pixels
+        # First fake id: the LLM's vocabulary size, or the padded one a TensorRT-LLM engine records.
+        self.vocab_offset = vocab_offset or self.config.vocab_size
 
     def __call__(self, query: str, images: list[bytes], history: list[tuple[str, str]] | None = None,
                  conv_mode: str | None = None) -> ModelInputs:
@@ -104,7 +106,7 @@ class Preprocessor:
 
     def expand_image_tokens(self, ids: list[int]) -> list[int]:
         """Each -200 -> the next T fake ids; ids count on across images, as the prompt table is flat."""
-        out, next_row, t = [], self.config.vocab_size, self.config.tokens_per_image
+        out, next_row, t = [], self.vocab_offset, self.config.tokens_per_image
         for i in ids:
             if i == IMAGE_TOKEN_INDEX:
                 out.extend(range(next_row, next_row + t))

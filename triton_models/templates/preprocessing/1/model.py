@@ -14,7 +14,8 @@ class TritonPythonModel:
         params = params_of(json.loads(args["model_config"]))
         self.max_seq_len = int(params["max_seq_len"])
         self.preprocessor = Preprocessor(params["model_dir"], int(params["max_input_len"]),
-                                         int(params["max_images_per_request"]))
+                                         int(params["max_images_per_request"]),
+                                         vocab_offset=int(params["vocab_offset"]))
 
     def execute(self, requests):
         return [self.handle(request) for request in requests]
