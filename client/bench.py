@@ -334,11 +334,17 @@ def run_serve(args, argv: Sequence[str]) -> int:
         rows, first_stats = [], None
         for c in args.concurrency:
             log(f"perf_analyzer: {args.model}, concurrency {c}")
-            row, stats = run_served(url, args.model, input_data, c, raw, args, count_tokens)
+            try:
+                row, stats = run_served(url, args.model, input_data, c, raw, args, count_tokens)
+            except BenchError as e:  # one failed level should not lose the others' numbers
+                log(f"  concurrency {c} skipped: {str(e).splitlines()[0]} (log: {raw}/perf_c{c}.log)")
+                continue
             first_stats = first_stats or stats
             rows.append(row)
             log(f"  {row.throughput:.2f} req/s, p50 {row.latency_ms['p50']:.0f} ms, "
                 f"TTFT p50 {row.ttft_ms['p50'] or float('nan'):.0f} ms, {row.requests} requests")
+        if not rows:
+            raise BenchError("no concurrency level could be measured")
     finally:
         if server is not None:
             server.stop()

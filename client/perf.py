@@ -92,8 +92,13 @@ def run_perf_analyzer(args: Sequence[str], timeout: float = 120.0,
                       check: bool = True) -> subprocess.CompletedProcess:
     """Run perf_analyzer with `args`; PerfAnalyzerError with its output when it fails."""
     cmd = [str(find_perf_analyzer()), *args]
-    result = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True,
-                            timeout=timeout)
+    try:
+        result = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # seen once: it wrote its results, then did not exit
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        result = subprocess.CompletedProcess(cmd, 124, out, err + f"\nperf_analyzer timed out after {timeout:.0f} s")
     if check and result.returncode != 0:
         raise PerfAnalyzerError(f"{' '.join(cmd)} exited with {result.returncode}:\n"
                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

@@ -7,6 +7,7 @@ another (PLATFORM_NOTES §3b); the LLM model batches the concurrent streams in f
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -53,6 +54,9 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.default_conv_mode = default_conv_mode(MGMConfig.from_model_dir(params["model_dir"]).family,
                                                    self.tokenizer)
+        # Each open stream parks one thread in the blocking response iterator; asyncio's default
+        # executor has only cpu_count + 4 threads, so it would cap (and stall) concurrent streams.
+        self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="mgm_bls_stream")
 
     async def execute(self, requests):
         await asyncio.gather(*(self.serve(r) for r in requests))
@@ -86,7 +90,7 @@ class TritonPythonModel:
         loop = asyncio.get_running_loop()
         ttft, n_tokens, sent_any = None, 0, False
         while True:
-            response = await loop.run_in_executor(None, next, responses, None)  # the iterator blocks
+            response = await loop.run_in_executor(self.waiters, next, responses, None)  # the iterator blocks
             if response is None:
                 break
             if response.has_error():
