@@ -27,32 +27,36 @@ VISION_PREFIXES = ("model.vision_tower.", "model.vision_tower_aux.", "model.vlm_
 CLIP_PREFIX = "model.vision_tower.vision_tower."
 CONVNEXT_PREFIX = "model.vision_tower_aux."
 
-# official (timm) ConvNeXt names <-> transformers ConvNeXt blocks used by mgm_ref.vision.ConvNextTower
-_CONVNEXT_RENAMES = [
-    (r"vision_stem\.0\.", "stem.patch_embeddings."),
-    (r"vision_stem\.1\.", "stem.layernorm."),
-    (r"vision_stages\.(\d+)\.downsample\.", r"stages.\1.downsampling_layer."),
-    (r"vision_stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.layers.\2.dwconv."),
-    (r"vision_stages\.(\d+)\.blocks\.(\d+)\.norm\.", r"stages.\1.layers.\2.layernorm."),
-    (r"vision_stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.layers.\2.pwconv1."),
-    (r"vision_stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.layers.\2.pwconv2."),
-    (r"vision_stages\.(\d+)\.blocks\.(\d+)\.gamma$", r"stages.\1.layers.\2.layer_scale_parameter"),
+# official (timm) ConvNeXt names <-> transformers ConvNeXt blocks used by mgm_ref.vision.ConvNextTower;
+# {s} is a stage index, {b} a block index. One table serves both directions.
+_CONVNEXT_NAMES = [
+    ("vision_stem.0.", "stem.patch_embeddings."),
+    ("vision_stem.1.", "stem.layernorm."),
+    ("vision_stages.{s}.downsample.", "stages.{s}.downsampling_layer."),
+    ("vision_stages.{s}.blocks.{b}.conv_dw.", "stages.{s}.layers.{b}.dwconv."),
+    ("vision_stages.{s}.blocks.{b}.norm.", "stages.{s}.layers.{b}.layernorm."),
+    ("vision_stages.{s}.blocks.{b}.mlp.fc1.", "stages.{s}.layers.{b}.pwconv1."),
+    ("vision_stages.{s}.blocks.{b}.mlp.fc2.", "stages.{s}.layers.{b}.pwconv2."),
+    ("vision_stages.{s}.blocks.{b}.gamma", "stages.{s}.layers.{b}.layer_scale_parameter"),
 ]
-_CONVNEXT_RENAMES_BACK = [
-    (r"stem\.patch_embeddings\.", "vision_stem.0."),
-    (r"stem\.layernorm\.", "vision_stem.1."),
-    (r"stages\.(\d+)\.downsampling_layer\.", r"vision_stages.\1.downsample."),
-    (r"stages\.(\d+)\.layers\.(\d+)\.dwconv\.", r"vision_stages.\1.blocks.\2.conv_dw."),
-    (r"stages\.(\d+)\.layers\.(\d+)\.layernorm\.", r"vision_stages.\1.blocks.\2.norm."),
-    (r"stages\.(\d+)\.layers\.(\d+)\.pwconv1\.", r"vision_stages.\1.blocks.\2.mlp.fc1."),
-    (r"stages\.(\d+)\.layers\.(\d+)\.pwconv2\.", r"vision_stages.\1.blocks.\2.mlp.fc2."),
-    (r"stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter$", r"vision_stages.\1.blocks.\2.gamma"),
-]
+
+
+def _rules(reverse: bool) -> list[tuple[str, str]]:
+    rules = []
+    for official, ours in _CONVNEXT_NAMES:
+        src, dst = (ours, official) if reverse else (official, ours)
+        pattern = "^" + re.escape(src).replace(r"\{s\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")
+        rules.append((pattern if src.endswith(".") else pattern + "$",
+                      dst.replace("{s}", r"\1").replace("{b}", r"\2")))
+    return rules
+
+
+_CONVNEXT_RENAMES, _CONVNEXT_RENAMES_BACK = _rules(reverse=False), _rules(reverse=True)
 
 
 def _rename(key: str, rules) -> str:
     for pattern, repl in rules:
-        new, n = re.subn("^" + pattern, repl, key)
+        new, n = re.subn(pattern, repl, key)
         if n:
             return new
     return key
