@@ -112,8 +112,11 @@ class TritonPythonModel:
             if detok.stopped:
                 break
         rest = detok.finish()
-        text = (rest if sent_any else rest.lstrip()) if stream else detok.emitted.strip()
-        sender.send(self.response(text.rstrip() if not stream else text, n_tokens, ttft or 0.0), flags=FINAL)
+        if stream:  # the last piece; the answer's leading spaces were dropped from the first piece
+            text = rest if sent_any else rest.lstrip()
+        else:
+            text = detok.emitted.strip()
+        sender.send(self.response(text, n_tokens, ttft), flags=FINAL)
 
     @staticmethod
     def response(text, n_tokens, ttft):
