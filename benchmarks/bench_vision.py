@@ -185,13 +185,6 @@ def build_artifact(cfg, out_dir: Path, backend: str, dtype: str, max_batch: int)
     return out_dir
 
 
-def rel_l2(a, b) -> float:
-    import numpy as np
-
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def plan(device: str) -> tuple[str, list[str], str | None, str]:
     """(device, backends to time, artifact backend or None, artifact dtype)."""
     import torch
@@ -269,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {kind} | - | failed | | | | |")
             continue
+        from build_engines.vision import rel_l2
+
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" + (
             f", {r['peak_gpu_mb'] / 1024:.1f} GiB GPU" if "peak_gpu_mb" in r else "")
         for batch in args.batch_sizes:

@@ -398,15 +398,10 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_llm_arguments(argparse.ArgumentParser(prog="mgm-build llm", description=__doc__,
-                                                       formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        run_llm_build(args)
-    except (ValueError, T.TrtllmBuildError) as e:   # UnsupportedCombination, LLMBuildError, MGMError, limits
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m build_engines.llm ...` is `mgm-build llm ...`."""
+    from build_engines.cli import main as cli_main
+
+    return cli_main(["llm", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

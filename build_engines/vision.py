@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from build_engines.onnx_export import DEFAULT_OPSET, EXPORTERS, OnnxExportError, describe_io, export_onnx, onnx_files
+from build_engines.onnx_export import DEFAULT_OPSET, EXPORTERS, describe_io, export_onnx, onnx_files
 from build_engines.trt_engine import (
     EngineBuildError,
     InputProfile,
@@ -388,15 +388,10 @@ def run_vision_build(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_vision_arguments(argparse.ArgumentParser(prog="mgm-build vision", description=__doc__,
-                                                          formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = parser.parse_args(argv)
-    try:
-        run_vision_build(args)
-    except (MGMError, EngineBuildError, OnnxExportError) as e:
-        print(f"mgm-build vision: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`python -m build_engines.vision ...` is `mgm-build vision ...`."""
+    from build_engines.cli import main as cli_main
+
+    return cli_main(["vision", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

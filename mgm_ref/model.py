@@ -143,14 +143,13 @@ class MGM:
             torch.manual_seed(params.seed)
         stops = self.stop_token_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
-        sampling = {} if params.greedy else {
-            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0,
-        }
+        # None unsets the checkpoint's generation_config values, which greedy decoding must not see.
+        sampling = ({"temperature": None, "top_p": None, "top_k": None} if params.greedy else
+                    {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0})
         out = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=params.max_new_tokens,
             do_sample=not params.greedy, num_beams=1, eos_token_id=stops, pad_token_id=pad,
             streamer=streamer, use_cache=True, **sampling,
-            **({"top_p": None, "top_k": None, "temperature": None} if params.greedy else {}),
         )
         results = []
         for row in out.tolist():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from build_engines.vision import rel_l2  # noqa: F401  (one definition for tests and builds)
 from mgm_ref.tiny import write_tiny_checkpoint
 
 
@@ -88,8 +89,3 @@ def random_image(width: int = 500, height: int = 300, seed: int = 0) -> Image.Im
     rng = np.random.RandomState(seed)
     return Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
 
-
-def rel_l2(a, b) -> float:
-    import torch
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
