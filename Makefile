@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mgm-installed
 
-.PHONY: demo test install browser clean
+.PHONY: demo test test-fast lint install browser clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,18 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else echo "chromium is not installed: the browser test will be skipped"; fi; }
 
-test: $(STAMP) browser
+# Lint and types first: they fail in seconds, before the suite's servers start.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) browser lint
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs tests
+
+# The edit loop: unit tests only (no tritonserver, nothing marked slow).
+test-fast: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -m "not server and not slow and not gpu" tests
 
 clean:
 	rm -rf $(VENV) work_dirs
