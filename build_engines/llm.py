@@ -30,13 +30,14 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from build_engines import quantize as Q
 from build_engines import trtllm as T
+from mgm_runtime.contract import LLMContract
 
 CPU_CALIB_SIZE = 32                 # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
 GPU_CALIB_SIZE = 512
@@ -255,7 +256,7 @@ def tool_versions() -> dict:
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "modelopt": Q.modelopt_version(),
-                "tensorrt_llm_target": f"{T.TRTLLM_VERSION}.x"}
+                "tensorrt_llm_target": T.TRTLLM_VERSION, "image_target": T.DEFAULT_IMAGE}
     try:
         from importlib.metadata import version
         versions["mgm-deploy"] = version("mgm-deploy")
@@ -269,12 +270,20 @@ def tool_versions() -> dict:
     return versions
 
 
+def serve_contract(plan: Plan, trt_config: dict) -> LLMContract:
+    """What mgm-build repo reads back: the engine's limits, dtype and first fake id (never recomputed there)."""
+    return LLMContract(runtime="tensorrt_llm", dtype=trt_config["dtype"], hidden_size=plan.shape.hidden_size,
+                       vocab_offset=trt_config["vocab_size"], **asdict(plan.limits))
+
+
 def multimodal_contract(plan: Plan, trt_config: dict, conv_mode: str | None) -> dict:
     gemma = plan.config.family == "gemma"
     return {
         "prompt_table_vocab_offset": trt_config["vocab_size"],
-        "fake_ids": "image row k of a request is token id prompt_table_vocab_offset + k "
-                    "(rows of all requests of a batch are flattened into one [sum(T), hidden] prompt table)",
+        "fake_ids": "image row k of a request is token id prompt_table_vocab_offset + k; every request sends "
+                    "its own [rows, hidden] prompt table (in-flight batching keeps one table per request), so "
+                    "each request's fake ids restart at the offset; at most max_multimodal_len // max_batch_size "
+                    "rows per request; requests without images send no table",
         "tokens_per_image": plan.config.tokens_per_image,
         "max_images_per_request": plan.limits.max_images_per_request,
         "hidden_size": plan.shape.hidden_size,
@@ -369,6 +378,7 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 "image_source": calib.image_source, "seed": args.seed, **calib.stats},
         },
         "parallel": {"tp_size": args.tp_size, "pp_size": args.pp_size, "ranks": ranks},
+        "contract": serve_contract(plan, trt_config).to_dict(),
         "multimodal": multimodal_contract(plan, trt_config, calib.conv_mode if calib else args.conv_mode),
         "engine": {"limits": plan.limits.__dict__, "argv": argv, "script": script.name,
                    "engine_dir": "engine", "built": False},
