@@ -29,7 +29,7 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--max_seq_len", type=int, default=None,
                    help=f"prompt + generated tokens (default max_input_len + {T.DEFAULT_MAX_OUTPUT_LEN})")
     p.add_argument("--max_images_per_request", type=int, default=1, help="images one request may carry")
-    p.add_argument("--build", action="store_true", help="run trtllm-build (needs TensorRT-LLM 1.2.x and a GPU)")
+    p.add_argument("--build", action="store_true", help="run trtllm-build (needs TensorRT-LLM 1.2.1 and a GPU: the 26.07 trtllm image)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="where to load and calibrate the LLM (auto: the GPU when there is one)")
     p.add_argument("--calib_images", choices=("auto", "on", "off"), default="auto",

@@ -1,4 +1,4 @@
-"""The `trtllm-build` step for MGM's language model (TensorRT-LLM 1.2.x, legacy TensorRT-engine flow).
+"""The `trtllm-build` step for MGM's language model (TensorRT-LLM 1.2.1, legacy TensorRT-engine flow).
 
 `trtllm_build_argv` returns the exact command line for one exported checkpoint; `run_trtllm_build` runs it
 when the tool is installed (TensorRT-LLM only installs inside NVIDIA's container on a GPU host) and otherwise

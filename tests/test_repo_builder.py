@@ -109,3 +109,23 @@ def test_missing_or_mismatched_vision_artifact(tiny_checkpoints, tmp_path):
         build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")
     with pytest.raises(CheckpointError, match="needs one of"):
         build_repo(tiny_checkpoints("gemma"), tmp_path / "eng", tmp_path / "repo", "gpu")
+
+
+def test_a_contract_whose_images_do_not_fit_its_table_is_refused():
+    from mgm_runtime.contract import LLMContract, derive_limits
+    limits = derive_limits(max_batch_size=4, tokens_per_image=576, max_images_per_request=2, max_input_len=2048)
+    ok = LLMContract(runtime="tensorrt_llm", dtype="bfloat16", hidden_size=64, vocab_offset=1024, **limits)
+    assert ok.rows_per_request == 1152 and ok.prompt_table_type == "TYPE_BF16"
+    with pytest.raises(ContractError, match="3 images x 576 rows exceed the 1152 prompt-table rows"):
+        LLMContract(**{**ok.__dict__, "max_images_per_request": 3})
+    with pytest.raises(ContractError, match="dtype 'float8'"):
+        LLMContract(**{**ok.__dict__, "dtype": "float8"})
+
+
+def test_cpu_repo_gets_as_many_images_as_fit_and_the_engine_formula(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints("llama")
+    cfg = fake_vision(tmp_path / "eng", ckpt, "onnxruntime", dtype="float32")
+    repo = build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")
+    c = read_llm_contract(repo / "tensorrt_llm" / "contract.json")
+    assert c.max_images_per_request == min(4, (cfg.max_length - 1) // cfg.tokens_per_image) == 3
+    assert c.max_seq_len == c.max_input_len + 512 and c.dtype == "float32" and c.max_batch_size == 8
