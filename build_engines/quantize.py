@@ -12,6 +12,10 @@ What is supported is data (`check_combination`), checked before any weights are 
 (*) every quantized linear needs in-features divisible by the AWQ block size (128), per tensor-parallel shard
 for the row-parallel ones (o_proj, down_proj / w2). KV cache: `--kv_cache_dtype fp8|int8` adds K/V
 quantizers to any of the above (with full_prec only the KV cache is quantized).
+
+Both ModelOpt config forms are built (`quant_cfg_form`): 0.37.x, which TensorRT-LLM 1.2.1 pins and the 26.07
+image ships, takes `quant_cfg` as a dict {pattern: attributes}; 0.47 takes an ordered list of
+{"quantizer_name": pattern, "cfg": attributes} entries.
 """
 
 from __future__ import annotations

@@ -178,10 +178,15 @@ INT_FLAGS = ("--max_batch_size", "--max_input_len", "--max_seq_len", "--max_num_
              "--workers")
 
 # ---- versions --------------------------------------------------------------------------------------
-# Triton compatibility matrix (triton-inference-server/server:docs/introduction/compatibility.md)
+# Triton's compatibility matrix: 26.04-26.07 = TensorRT-LLM 1.2.1 / TensorRT 10.14.1.48 / Python 3.12.3 /
+# torch 2.10.0a0 / CUDA 13.1.0.036; 26.03 = 1.2.0; 25.12-26.02 = 1.1.0; no trtllm row for 26.08.
+COMPATIBILITY = Source("triton-inference-server/server", "docs/introduction/compatibility.md",
+                       "0f963c9a8c6913aa4cd9b57ee04f9c2b76ee8d2a")
 IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 IMAGE_TRTLLM = "1.2.1"
 IMAGE_TENSORRT = "10.14.1.48"
-MODELOPT_PIN = "nvidia-modelopt[torch]~=0.37.0"           # TensorRT-LLM requirements.txt, 1.1-1.3
+# TensorRT-LLM requirements.txt: read at commit 000867d9b1ad62f3de1e54e111c094da492a5626 (a 1.1-line copy:
+# tensorrt~=10.13.3); that 1.2.1 keeps the pin is PLATFORM_NOTES §5's reading, not re-read at the tag here
+MODELOPT_PIN = "nvidia-modelopt[torch]~=0.37.0"
 # IBuilderConfig::setTimingCache(cache, ignoreMismatch) returns bool: false = cache not attached
 SET_TIMING_CACHE_RETURNS_BOOL = TENSORRT_HEADER
