@@ -1,11 +1,13 @@
-# GPU serving image for mgm-deploy: NGC Triton with TensorRT-LLM 1.2.x (the last release line with
-# the TensorRT-engine + prompt-table path that this stack targets). Not buildable on our CPU-only
-# machines (no Docker engine there); see README "GPU flow".
+# GPU serving image for mgm-deploy: NGC Triton 26.07 with TensorRT-LLM 1.2.1, TensorRT 10.14.1.48,
+# Python 3.12 (26.04-26.07 ship 1.2.1; 25.12-26.02 ship 1.1.0; no trtllm image exists for 26.08), the last
+# release line with the TensorRT-engine + prompt-table path this stack targets. Its ModelOpt is the one
+# TensorRT-LLM pins (0.37.x, dict-form quant configs); build_engines/quantize.py accepts both forms.
+# Not buildable on our CPU-only machines (no Docker engine there); see README "GPU flow".
 #
 #   docker build -t mgm-deploy .
 #   docker run --rm -it --gpus all --net host --shm-size=2g --ulimit memlock=-1 --ulimit stack=67108864 \
 #       -v /models:/models mgm-deploy
-ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:25.12-trtllm-python-py3
+ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3
 FROM ${TRITON_IMAGE}
 
 WORKDIR /opt/mgm-deploy

@@ -27,6 +27,12 @@ def placeholders(text: str) -> set[str]:
     return set(_PLACEHOLDER.findall(text))
 
 
+def unused_values(values: Mapping[str, object], texts) -> list[str]:
+    """Keys of `values` that no template among `texts` has a placeholder for (a typo or a dead value)."""
+    used = set().union(*(placeholders(t) for t in texts))
+    return sorted(set(values) - used)
+
+
 def _as_text(value: object) -> str:
     # Protobuf text format spells booleans in lower case; str(True) would be "True".
     return str(value).lower() if isinstance(value, bool) else str(value)

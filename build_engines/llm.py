@@ -14,7 +14,11 @@ Steps (each reports its time and the peak memory so far):
 
 build_info.json records the provenance (source, qformat, calibration, tool versions) and the multimodal
 contract a runtime needs: image rows go in the prompt table, addressed by fake ids from
-`prompt_table_vocab_offset` upward, `tokens_per_image` rows per image.
+`prompt_table_vocab_offset` upward, `tokens_per_image` rows per image, and (under "contract") the
+limits `mgm-build repo` reads back.
+
+This module runs the steps; llm_cli.py is the command line, llm_plan.py step 0 (what fits, the limits),
+llm_provenance.py what build_info.json records, llm_calib.py the calibration data.
 """
 
 from __future__ import annotations
@@ -22,89 +26,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import hashlib
 import json
-import platform
-import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from build_engines import quantize as Q
 from build_engines import trtllm as T
-
-CPU_CALIB_SIZE = 32                 # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
-GPU_CALIB_SIZE = 512
-# Peak host memory relative to the 16-bit weights, plus a fixed allowance for torch/ModelOpt. Measured on CPU
-# (build_engines/llm_bench.py, 0.34 B params, 0.63 GiB): 1.63 GiB peak for full_prec/fp8/int8_sq (loading holds
-# the checkpoint's tensors and the model at once: ~1.8x), 2.0 GiB for int4_awq (~2.4x); 0.48 GiB baseline.
-HOST_MEMORY_FACTOR = 2.5
-HOST_MEMORY_OVERHEAD = 1.5 * 2**30
-GPU_MEMORY_FACTOR = 1.3             # weights + quantizer state + calibration activations
-
-
-class LLMBuildError(ValueError):
-    """A user-facing failure of `mgm-build llm` (bad option, model too big, missing tool)."""
-
-
-# ---- CLI -----------------------------------------------------------------------------------------
-def add_llm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = parser
-    p.add_argument("--model_dir", required=True, help="local MGM checkpoint folder (official format)")
-    p.add_argument("--output_dir", required=True, help="where checkpoint/, build_engine.sh, build_info.json go")
-    p.add_argument("--qformat", choices=Q.QFORMATS, default="full_prec", help="weight/activation quantization")
-    p.add_argument("--kv_cache_dtype", choices=Q.KV_CACHE_DTYPES, default=None, help="quantize the KV cache")
-    p.add_argument("--dtype", choices=tuple(Q.DTYPES), default="float16",
-                   help="16-bit dtype to load the LLM in and for the unquantized parts of the engine")
-    p.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks")
-    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel ranks")
-    p.add_argument("--calib_size", type=int, default=None,
-                   help=f"calibration conversations (default {GPU_CALIB_SIZE} on GPU, {CPU_CALIB_SIZE} on CPU; "
-                        f"int4_awq uses at most {Q.AWQ_MAX_CALIB})")
-    p.add_argument("--max_batch_size", type=int, default=8)
-    p.add_argument("--max_input_len", type=int, default=None,
-                   help="engine prompt length INCLUDING the image tokens (576 or 2880 per image); "
-                        "default: the model's limit (tokenizer_model_max_length: 2048, 4096 for HD)")
-    p.add_argument("--max_seq_len", type=int, default=None,
-                   help=f"prompt + generated tokens (default max_input_len + {T.DEFAULT_MAX_OUTPUT_LEN})")
-    p.add_argument("--max_images_per_request", type=int, default=1, help="images one request may carry")
-    p.add_argument("--build", action="store_true", help="run trtllm-build (needs TensorRT-LLM 1.2.x and a GPU)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="where to load and calibrate the LLM (auto: the GPU when there is one)")
-    p.add_argument("--calib_images", choices=("auto", "on", "off"), default="auto",
-                   help="splice real projector outputs into calibration prompts (auto: when the vision path loads)")
-    p.add_argument("--calib_image_dir", default=None, help="images for calibration (default: synthetic images)")
-    p.add_argument("--calib_num_images", type=int, default=16, help="distinct calibration images")
-    p.add_argument("--calib_max_len", type=int, default=None, help="truncate calibration samples (positions)")
-    p.add_argument("--conv_mode", default=None, help="chat template for calibration (default: detected)")
-    p.add_argument("--awq_block_size", type=int, default=Q.AWQ_BLOCK_SIZE)
-    p.add_argument("--workers", type=int, default=1, help="trtllm-build --workers (parallel rank builds)")
-    p.add_argument("--seed", type=int, default=0)
-    return p
-
-
-# ---- progress and memory ---------------------------------------------------------------------------
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def host_available_bytes() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / 2**30:.2f} GiB"
+from build_engines.llm_cli import add_llm_arguments  # noqa: F401  (mgm-build's entry point)
+from build_engines.llm_plan import LLMBuildError, gib, make_plan, peak_rss_bytes  # noqa: F401
+from build_engines.llm_provenance import multimodal_contract, serve_contract, source_record, tool_versions
 
 
 class Progress:
@@ -128,161 +63,6 @@ class Progress:
         self.peaks[key] = peak_rss_bytes()
         extra = f", GPU peak {gib(torch.cuda.max_memory_allocated())}" if torch.cuda.is_available() else ""
         self.log(f"[{self.index}/{self.total}] {title}: done in {elapsed:.1f} s (peak RSS {gib(self.peaks[key])}{extra})")
-
-
-# ---- plan -------------------------------------------------------------------------------------------
-@dataclass
-class Plan:
-    model_dir: Path
-    output_dir: Path
-    config: object                  # mgm_ref.config.MGMConfig
-    shape: Q.LLMShape
-    device: str
-    calib_size: int
-    limits: T.EngineLimits
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.output_dir / "checkpoint"
-
-    @property
-    def engine_dir(self) -> Path:
-        return self.output_dir / "engine"
-
-
-def pick_device(requested: str, weight_bytes: int) -> tuple[str, list[str]]:
-    notes = []
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise LLMBuildError("--device cuda was asked for but no CUDA GPU is visible")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return "cpu", notes
-    free, _total = torch.cuda.mem_get_info()
-    need = int(weight_bytes * GPU_MEMORY_FACTOR)
-    if need > free:
-        if requested == "cuda":
-            raise LLMBuildError(f"the LLM needs about {gib(need)} of GPU memory for calibration, "
-                                f"the GPU has {gib(free)} free; use --device cpu (slow) or a larger GPU")
-        notes.append(f"the LLM needs about {gib(need)} of GPU memory, {gib(free)} is free: calibrating on the CPU")
-        return "cpu", notes
-    return "cuda", notes
-
-
-def check_host_memory(weight_bytes: int, device: str) -> list[str]:
-    need = int(weight_bytes * HOST_MEMORY_FACTOR + HOST_MEMORY_OVERHEAD)
-    have = host_available_bytes()
-    if have is not None and need > have:
-        raise LLMBuildError(
-            f"quantize + export needs about {gib(need)} of host memory (16-bit weights {gib(weight_bytes)} x "
-            f"{HOST_MEMORY_FACTOR} + {gib(HOST_MEMORY_OVERHEAD)}), only {gib(have)} is available; "
-            "free memory or run on a larger host"
-        )
-    return [] if have is None else [f"host memory: need ~{gib(need)}, available {gib(have)} ({device})"]
-
-
-def checkpoint_bytes(shape: Q.LLMShape, qformat: str) -> int:
-    per_param = {"full_prec": 2.0, "fp8": 1.0, "int8_sq": 1.0, "int4_awq": 0.55}[qformat]
-    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
-    return int((shape.param_count() - embed) * per_param + embed * 2)
-
-
-def make_plan(args: argparse.Namespace, log: Callable[[str], None] = print) -> Plan:
-    from mgm_ref.config import MGMConfig
-
-    model_dir, output_dir = Path(args.model_dir), Path(args.output_dir)
-    config = MGMConfig.from_model_dir(model_dir)
-    shape = Q.LLMShape.from_hf_config(config.family, config.llm_config)
-    warnings = Q.check_combination(shape, args.qformat, args.kv_cache_dtype, args.dtype, args.tp_size,
-                                   args.pp_size, args.awq_block_size)
-    if args.build and T.find_trtllm_build() is None:
-        raise LLMBuildError(T.missing_tool_message(output_dir / "build_engine.sh"))
-    limits = T.engine_limits(max_batch_size=args.max_batch_size, tokens_per_image=config.tokens_per_image,
-                             max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
-                             max_images_per_request=args.max_images_per_request,
-                             default_input_len=config.max_length)
-    if config.family == "gemma" and getattr(config.llm_config, "hidden_activation", None) == "gelu":
-        warnings.append("Gemma's MLP uses exact (erf) GELU as MGM-2B was trained; the exported hidden_act 'gelu' "
-                        "runs as TensorRT-LLM's tanh-approximated gelu (functional.gelu), a small numeric change")
-    max_pos = getattr(config.llm_config, "max_position_embeddings", None)
-    if max_pos and limits.max_seq_len > max_pos:
-        warnings.append(f"max_seq_len {limits.max_seq_len} exceeds the LLM's max_position_embeddings {max_pos}")
-    if config.hd and args.max_images_per_request > 1:
-        raise LLMBuildError("HD models take one image per request (2880 rows); use --max_images_per_request 1")
-    weight_bytes = shape.param_count() * 2
-    device, notes = pick_device(args.device, weight_bytes)
-    warnings += notes
-    memory_note = check_host_memory(weight_bytes, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    free_disk = shutil.disk_usage(output_dir).free
-    need_disk = checkpoint_bytes(shape, args.qformat)
-    if need_disk * 1.1 > free_disk:
-        raise LLMBuildError(f"the checkpoint needs about {gib(need_disk)} on disk, {output_dir} has {gib(free_disk)}")
-    calib_size = args.calib_size or (GPU_CALIB_SIZE if device == "cuda" else CPU_CALIB_SIZE)
-    if args.qformat == "int4_awq" and calib_size > Q.AWQ_MAX_CALIB:
-        warnings.append(f"int4_awq: calibrating on {Q.AWQ_MAX_CALIB} samples instead of {calib_size} "
-                        "(AWQ's scale search is slow; TensorRT-LLM's quantize.py does the same)")
-        calib_size = Q.AWQ_MAX_CALIB
-    if calib_size < 1:
-        raise LLMBuildError(f"--calib_size must be >= 1, got {calib_size}")
-    log(f"plan: {config.family} LLM ({shape.param_count() / 1e9:.3f} B params, {gib(weight_bytes)} in 16-bit) "
-        f"from {model_dir}; {'HD, ' if config.hd else ''}{config.tokens_per_image} image tokens per image; "
-        f"qformat={args.qformat} kv_cache={args.kv_cache_dtype or 'model dtype'} dtype={args.dtype} "
-        f"tp={args.tp_size} pp={args.pp_size}; device={device}; " + "; ".join(memory_note))
-    for w in warnings:
-        log(f"warning: {w}")
-    return Plan(model_dir, output_dir, config, shape, device, calib_size, limits, warnings)
-
-
-# ---- provenance -------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def source_record(model_dir: Path, config) -> dict:
-    shards = sorted(p for p in model_dir.glob("*.safetensors"))
-    return {
-        "model_dir": str(model_dir.resolve()),
-        "architecture": config.architecture,
-        "family": config.family,
-        "hd": config.hd,
-        "config_sha256": _sha256(model_dir / "config.json"),
-        "shards": [{"file": p.name, "bytes": p.stat().st_size} for p in shards],
-    }
-
-
-def tool_versions() -> dict:
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "modelopt": Q.modelopt_version(),
-                "tensorrt_llm_target": f"{T.TRTLLM_VERSION}.x"}
-    try:
-        from importlib.metadata import version
-        versions["mgm-deploy"] = version("mgm-deploy")
-    except ImportError:
-        versions["mgm-deploy"] = "source tree"
-    try:
-        import tensorrt_llm
-        versions["tensorrt_llm"] = tensorrt_llm.__version__
-    except ImportError:
-        versions["tensorrt_llm"] = "not installed"
-    return versions
-
-
-def multimodal_contract(plan: Plan, trt_config: dict, conv_mode: str | None) -> dict:
-    gemma = plan.config.family == "gemma"
-    return {
-        "prompt_table_vocab_offset": trt_config["vocab_size"],
-        "fake_ids": "image row k of a request is token id prompt_table_vocab_offset + k "
-                    "(rows of all requests of a batch are flattened into one [sum(T), hidden] prompt table)",
-        "tokens_per_image": plan.config.tokens_per_image,
-        "max_images_per_request": plan.limits.max_images_per_request,
-        "hidden_size": plan.shape.hidden_size,
-        "embedding_scale": ("sqrt(hidden_size) is applied inside the engine to text and prompt-table rows "
-                            "alike (as HF GemmaModel does to inputs_embeds): feed raw projector outputs"
-                            if gemma else None),
-        "conv_mode": conv_mode,
-    }
 
 
 # ---- the build ---------------------------------------------------------------------------------------
@@ -369,6 +149,7 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 "image_source": calib.image_source, "seed": args.seed, **calib.stats},
         },
         "parallel": {"tp_size": args.tp_size, "pp_size": args.pp_size, "ranks": ranks},
+        "contract": serve_contract(plan, trt_config).to_dict(),
         "multimodal": multimodal_contract(plan, trt_config, calib.conv_mode if calib else args.conv_mode),
         "engine": {"limits": plan.limits.__dict__, "argv": argv, "script": script.name,
                    "engine_dir": "engine", "built": False},

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
+from mgm_ref.errors import CheckpointError, ImageError, MGMError
 
 QUESTIONS = [
     "What is shown in this image? Describe it in detail.",
@@ -95,12 +96,22 @@ def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
     return images
 
 
+class CalibrationImagesError(MGMError):
+    """--calib_image_dir holds no usable image."""
+
+
+# What "auto" calibration takes as "no vision path": a checkpoint without vision weights, no usable images.
+UNAVAILABLE_VISION = (CheckpointError, ImageError, CalibrationImagesError)
+
+
 def load_image_dir(folder: str | Path, n: int) -> list[Image.Image]:
     from mgm_ref.preprocess import load_image
 
+    if not Path(folder).is_dir():
+        raise CalibrationImagesError(f"--calib_image_dir {folder} is not a folder")
     paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp"})
     if not paths:
-        raise ValueError(f"--calib_image_dir {folder}: no .jpg/.png/.webp/.bmp images")
+        raise CalibrationImagesError(f"--calib_image_dir {folder}: no .jpg/.png/.webp/.bmp images")
     return [load_image(p) for p in paths[:n]]
 
 
@@ -162,7 +173,7 @@ def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: 
             feats = image_features(model_dir, config, images, dtype, device)
             reason = (f"multimodal: {config.tokens_per_image} image rows per sample from mgm_ref's vision path "
                       f"(real projector outputs) on {source}")
-        except Exception as e:  # the vision path is optional for calibration; say why it was skipped
+        except UNAVAILABLE_VISION as e:  # the expected ways to have no images; anything else is a bug: raised
             if mode == "multimodal":
                 raise
             feats, source = None, None

@@ -12,6 +12,10 @@ What is supported is data (`check_combination`), checked before any weights are 
 (*) every quantized linear needs in-features divisible by the AWQ block size (128), per tensor-parallel shard
 for the row-parallel ones (o_proj, down_proj / w2). KV cache: `--kv_cache_dtype fp8|int8` adds K/V
 quantizers to any of the above (with full_prec only the KV cache is quantized).
+
+Both ModelOpt config forms are built (`quant_cfg_form`): 0.37.x, which TensorRT-LLM 1.2.1 pins and the 26.07
+image ships, takes `quant_cfg` as a dict {pattern: attributes}; 0.47 takes an ordered list of
+{"quantizer_name": pattern, "cfg": attributes} entries.
 """
 
 from __future__ import annotations
@@ -162,26 +166,50 @@ def needs_calibration(qformat: str, kv_cache_dtype: str | None) -> bool:
     return qformat != "full_prec" or kv_cache_dtype is not None
 
 
+def quant_cfg_form(mtq=None) -> str:
+    """"list" (ModelOpt >= 0.4x: ordered [{"quantizer_name": pattern, ...}]) or "dict" (ModelOpt 0.37, the
+    one TensorRT-LLM 1.2.1 pins: {pattern: attributes}, "default" applied first). Read off the installed
+    ModelOpt's own FP8 preset, so no version table can go stale."""
+    if mtq is None:
+        import modelopt.torch.quantization as mtq
+    return "list" if isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list) else "dict"
+
+
 def quant_config(qformat: str, kv_cache_dtype: str | None = None, family: str = "llama",
                  awq_block_size: int = AWQ_BLOCK_SIZE) -> dict:
-    """The ModelOpt `mtq.quantize` config (a fresh copy) for one qformat (+ KV cache quantizers)."""
+    """The ModelOpt `mtq.quantize` config (a fresh copy) for one qformat (+ KV cache quantizers), in the
+    form the installed ModelOpt takes."""
     import modelopt.torch.quantization as mtq
 
+    form = quant_cfg_form(mtq)
     if qformat == "full_prec":
-        cfg = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+        off = [{"quantizer_name": "*", "enable": False}] if form == "list" else {"default": {"enable": False}}
+        cfg = {"quant_cfg": off, "algorithm": "max"}
     else:
         base = {"fp8": mtq.FP8_DEFAULT_CFG, "int4_awq": mtq.INT4_AWQ_CFG, "int8_sq": mtq.INT8_SMOOTHQUANT_CFG}
         cfg = copy.deepcopy(base[qformat])
     if qformat == "int4_awq":
-        for entry in cfg["quant_cfg"]:
-            if entry.get("quantizer_name") == "*weight_quantizer":
-                entry["cfg"]["block_sizes"][-1] = awq_block_size
+        weight = _entry(cfg, "*weight_quantizer", form)
+        weight["block_sizes"][-1] = awq_block_size
     if qformat == "int8_sq" and family == "gemma":
         cfg["algorithm"] = {"method": "smoothquant", "alpha": 0.5}  # TensorRT-LLM's choice: alpha 1 hurts Gemma
     if kv_cache_dtype:
-        bits = (4, 3) if kv_cache_dtype == "fp8" else 8
-        cfg["quant_cfg"].append({"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": bits, "axis": None}})
+        kv = {"num_bits": (4, 3) if kv_cache_dtype == "fp8" else 8, "axis": None}
+        if form == "list":
+            cfg["quant_cfg"].append({"quantizer_name": "*[kv]_bmm_quantizer", "cfg": kv})
+        else:  # "default" disabled every quantizer first, so this one is enabled explicitly
+            cfg["quant_cfg"]["*[kv]_bmm_quantizer"] = {**kv, "enable": True}
     return cfg
+
+
+def _entry(cfg: dict, pattern: str, form: str) -> dict:
+    """The attribute dict of `pattern` in either form (raises KeyError when the preset lacks it)."""
+    if form == "dict":
+        return cfg["quant_cfg"][pattern]
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == pattern and "cfg" in entry:
+            return entry["cfg"]
+    raise KeyError(pattern)
 
 
 def quantize(model: torch.nn.Module, qformat: str, kv_cache_dtype: str | None, forward_loop: Callable,

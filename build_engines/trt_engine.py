@@ -155,6 +155,24 @@ def _tensor_info(t) -> dict:
     return {"name": t.name, "dtype": str(t.dtype).rsplit(".", 1)[-1].lower(), "shape": [int(d) for d in t.shape]}
 
 
+def attach_timing_cache(config, path: Path, echo: Callable[[str], None]):
+    """Load `path` into the builder config; a cache TensorRT rejects (set_timing_cache returns False:
+    another TensorRT version or GPU) is replaced by a new one, and the log says so."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache_obj = config.create_timing_cache(blob)
+    if config.set_timing_cache(cache_obj, ignore_mismatch=False):
+        echo(f"timing cache: {'loaded ' + str(len(blob)) + ' bytes from' if blob else 'new,'} {path}")
+        return cache_obj
+    if not blob:
+        raise RuntimeError(f"TensorRT refused even an empty timing cache for {path}")
+    echo(f"timing cache: {path} ({len(blob)} bytes) was rejected by this TensorRT/GPU (a stale cache); "
+         "building with a new one, which overwrites it afterwards")
+    cache_obj = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache_obj, ignore_mismatch=False):
+        raise RuntimeError(f"TensorRT refused a new timing cache for {path}")
+    return cache_obj
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -227,11 +245,7 @@ def build_engine(
         if backend == "tensorrt_rtx":
             echo("note: TensorRT-RTX has no timing cache (its builder ignores one); --timing_cache unused")
         else:
-            timing_cache = Path(timing_cache)
-            blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-            cache_obj = config.create_timing_cache(blob)
-            config.set_timing_cache(cache_obj, ignore_mismatch=False)
-            echo(f"timing cache: {'loaded ' + str(len(blob)) + ' bytes from' if blob else 'new,'} {timing_cache}")
+            cache_obj = attach_timing_cache(config, Path(timing_cache), echo)
 
     if compute_capabilities and backend == "tensorrt_rtx":
         ccs = [getattr(trt.ComputeCapability, c.upper()) for c in compute_capabilities]

@@ -1,4 +1,4 @@
-"""The `trtllm-build` step for MGM's language model (TensorRT-LLM 1.2.x, legacy TensorRT-engine flow).
+"""The `trtllm-build` step for MGM's language model (TensorRT-LLM 1.2.1, legacy TensorRT-engine flow).
 
 `trtllm_build_argv` returns the exact command line for one exported checkpoint; `run_trtllm_build` runs it
 when the tool is installed (TensorRT-LLM only installs inside NVIDIA's container on a GPU host) and otherwise
@@ -21,10 +21,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-TRTLLM_VERSION = "1.2"
-DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3"
-DEFAULT_MAX_NUM_TOKENS = 8192          # trtllm-build's own default
-DEFAULT_MAX_OUTPUT_LEN = 512
+from mgm_runtime.contract import DEFAULT_MAX_NUM_TOKENS, DEFAULT_MAX_OUTPUT_LEN, derive_limits  # noqa: F401
+
+TRTLLM_VERSION = "1.2.1"
+# The last NGC Triton image with the TensorRT-engine path: 26.04-26.07 ship TensorRT-LLM 1.2.1 (TensorRT
+# 10.14.1.48, Python 3.12); 25.12-26.02 ship 1.1.0; no trtllm image was built for 26.08.
+DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 
 
 class TrtllmBuildError(RuntimeError):
@@ -52,33 +54,11 @@ def max_multimodal_len(max_batch_size: int, tokens_per_image: int, max_images_pe
 def engine_limits(*, max_batch_size: int, tokens_per_image: int, max_input_len: int | None = None,
                   max_seq_len: int | None = None, max_images_per_request: int = 1, default_input_len: int = 2048,
                   max_num_tokens: int | None = None) -> EngineLimits:
-    """Fill defaults (max_input_len: the model's spliced-sequence limit, e.g. 2048 / 4096 for HD) and check them.
-
-    max_input_len is the whole prompt as the engine sees it: text tokens plus one position per image row.
-    """
-    if max_batch_size < 1:
-        raise ValueError(f"--max_batch_size must be >= 1, got {max_batch_size}")
-    if max_images_per_request < 1:
-        raise ValueError(f"--max_images_per_request must be >= 1, got {max_images_per_request}")
-    image_tokens = tokens_per_image * max_images_per_request
-    max_input_len = default_input_len if max_input_len is None else max_input_len
-    if max_input_len <= image_tokens:
-        raise ValueError(
-            f"--max_input_len {max_input_len} leaves no room for text: it counts the image tokens "
-            f"({max_images_per_request} x {tokens_per_image} = {image_tokens}) plus the text prompt; "
-            f"use at least {image_tokens + 64}"
-        )
-    max_seq_len = max_input_len + DEFAULT_MAX_OUTPUT_LEN if max_seq_len is None else max_seq_len
-    if max_seq_len <= max_input_len:
-        raise ValueError(f"--max_seq_len {max_seq_len} must exceed --max_input_len {max_input_len} "
-                         "(it is prompt + generated tokens)")
-    max_num_tokens = max_num_tokens or max(DEFAULT_MAX_NUM_TOKENS, max_input_len)
-    if max_num_tokens < max_input_len:
-        raise ValueError(f"max_num_tokens {max_num_tokens} < max_input_len {max_input_len}: one full prompt "
-                         "(image rows included) must fit one context step")
-    return EngineLimits(max_batch_size, max_input_len, max_seq_len,
-                        max_multimodal_len(max_batch_size, tokens_per_image, max_images_per_request),
-                        max_num_tokens, tokens_per_image, max_images_per_request)
+    """Fill defaults and check them with the contract's one formula (mgm-build repo reads the result back)."""
+    return EngineLimits(**derive_limits(
+        max_batch_size=max_batch_size, tokens_per_image=tokens_per_image, max_input_len=max_input_len,
+        max_seq_len=max_seq_len, max_images_per_request=max_images_per_request,
+        default_input_len=default_input_len, max_num_tokens=max_num_tokens))
 
 
 def gemm_plugin(qformat: str, dtype: str) -> str:
@@ -132,8 +112,8 @@ def write_build_script(path: str | Path, argv: list[str], image: str | None = No
     image = image or container_image()
     path.write_text(
         "#!/usr/bin/env bash\n"
-        f"# Build the TensorRT-LLM engine for this checkpoint. Needs TensorRT-LLM {TRTLLM_VERSION}.x on a GPU host,\n"
-        f"# e.g. inside {image}.\n"
+        f"# Build the TensorRT-LLM engine for this checkpoint. Needs TensorRT-LLM {TRTLLM_VERSION} on a GPU host,\n"
+        f"# inside {image} (engines run only with the TensorRT they were built with).\n"
         "set -euo pipefail\n"
         'cd "$(dirname "$0")"\n'
         + format_command(argv) + "\n"
@@ -170,8 +150,8 @@ def missing_tool_message(script: str | Path | None = None) -> str:
     where = f"run {script} there" if script else "run the written build_engine.sh there"
     return (
         "trtllm-build is not installed here (TensorRT-LLM does not install from PyPI outside NVIDIA's container). "
-        f"Build the engine on a GPU host inside {container_image()} (TensorRT-LLM {TRTLLM_VERSION}.x; the legacy "
-        f"trtllm-build / prompt-table flow ends with {TRTLLM_VERSION}): {where}, or rerun this command without "
+        f"Build the engine on a GPU host inside {container_image()} (TensorRT-LLM {TRTLLM_VERSION}; the legacy "
+        f"trtllm-build / prompt-table flow ends with the 1.2 line): {where}, or rerun this command without "
         "--build to only write the checkpoint and the command."
     )
 

@@ -120,6 +120,23 @@ def test_bad_image_dir_falls_back_to_text_only_and_says_why(tiny_checkpoints, tm
                                         mode="multimodal", image_dir=tmp_path, log=quiet)
 
 
+def test_auto_calibration_falls_back_only_for_a_missing_vision_path(tiny_checkpoints, monkeypatch):
+    """A checkpoint without vision weights -> text only, said; any other failure is a bug and is raised."""
+    from mgm_ref import loader
+    from mgm_ref.config import MGMConfig
+    from mgm_ref.errors import CheckpointError
+    from mgm_ref.loader import load_tokenizer
+
+    path = tiny_checkpoints("llama")
+    args = (path, MGMConfig.from_model_dir(path), load_tokenizer(path), 2)
+    monkeypatch.setattr(loader, "load_vision", lambda *a, **k: (_ for _ in ()).throw(CheckpointError("no CLIP")))
+    calib = llm_calib.build_calibration_set(*args, log=quiet)
+    assert calib.mode == "text" and "CheckpointError: no CLIP" in calib.reason
+    monkeypatch.setattr(loader, "load_vision", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape bug")))
+    with pytest.raises(RuntimeError, match="shape bug"):
+        llm_calib.build_calibration_set(*args, log=quiet)
+
+
 # ---- tensor / pipeline parallel ranks -------------------------------------------------------------------
 @pytest.mark.parametrize("family,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2), ("gemma", 2, 1),
                                           ("mixtral", 2, 2)])

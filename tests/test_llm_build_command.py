@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from build_engines import llm as L
+from build_engines import llm_plan
 from build_engines import quantize as Q
 from build_engines import trtllm as T
 
@@ -189,6 +190,6 @@ def test_plan_hd_defaults(tiny_checkpoints, tmp_path):
 
 
 def test_plan_refuses_a_model_that_does_not_fit(tiny_checkpoints, tmp_path, monkeypatch):
-    monkeypatch.setattr(L, "host_available_bytes", lambda: 2**20)
+    monkeypatch.setattr(llm_plan, "host_available_bytes", lambda: 2**20)
     with pytest.raises(L.LLMBuildError, match="host memory"):
         L.make_plan(llm_args(tiny_checkpoints("llama"), tmp_path / "out"), log=lambda s: None)

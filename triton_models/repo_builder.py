@@ -4,8 +4,10 @@
 
 ENGINES follows TensorRT-LLM's layout: `vision/` (from `mgm-build vision`: an ONNX Runtime artifact
 for cpu, a TensorRT engine for gpu) and, for gpu, `llm/` (`mgm-build llm --output_dir ENGINES/llm
---build`: the engine in `llm/engine/`, the fake-id offset in `llm/build_info.json`). On cpu the LLM
-runs from the checkpoint itself (PyTorch, in-flight batching).
+--build`: the engine in `llm/engine/`, its contract in `llm/build_info.json`). On cpu the LLM runs
+from the checkpoint itself (PyTorch, in-flight batching) under a contract derived by the same formula.
+Every limit, dtype and shape comes from those contracts (mgm_runtime.contract); the repository keeps
+the one it was filled from in `tensorrt_llm/contract.json`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import os
 import shutil
 from pathlib import Path
 
-from build_engines.fill_template import fill_template
+from build_engines.fill_template import fill_template, placeholders, unused_values
 from mgm_ref.config import MGMConfig
 from mgm_ref.errors import CheckpointError
+from mgm_runtime.contract import (LLMContract, VisionContract, derive_limits, read_llm_contract,
+                                  read_vision_contract, write_llm_contract)
 
 TEMPLATES = Path(__file__).parent / "templates"
 # deployed model name -> template folder, per backend
@@ -30,75 +34,111 @@ MODELS = {
 }
 
 
-def read_vision_artifact(engine_dir: Path, backend: str, config: MGMConfig) -> dict:
+CONTRACT_FILE = "contract.json"          # the LLM contract a repository was filled from, kept in tensorrt_llm/
+CPU_DEFAULT_MAX_BATCH_SIZE = 8
+CPU_MAX_IMAGES = 4                         # non-HD requests on the CPU path, as far as max_input_len allows
+
+
+def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
     path = engine_dir / "vision" / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{engine_dir}: no vision/config.json; build it with `mgm-build vision`")
-    art = json.loads(path.read_text())
+    art = read_vision_contract(path)
     wanted = ("onnxruntime",) if backend == "cpu" else ("tensorrt", "tensorrt_rtx")
-    if art.get("backend") not in wanted:
-        raise CheckpointError(f"{path}: backend {art.get('backend')!r}, but --backend {backend} needs one of {wanted}")
-    if (int(art["tokens_per_image"]), int(art["hidden_size"])) != (config.tokens_per_image, config.hidden_size):
+    if art.backend not in wanted:
+        raise CheckpointError(f"{path}: backend {art.backend!r}, but --backend {backend} needs one of {wanted}")
+    if (art.tokens_per_image, art.hidden_size) != (config.tokens_per_image, config.hidden_size):
         raise CheckpointError(
-            f"{path}: built for {art['tokens_per_image']} tokens x {art['hidden_size']} hidden, but the checkpoint "
+            f"{path}: built for {art.tokens_per_image} tokens x {art.hidden_size} hidden, but the checkpoint "
             f"needs {config.tokens_per_image} x {config.hidden_size}: rebuild the vision engine"
         )
     return art
 
 
-def template_values(model_dir: Path, engine_dir: Path, backend: str, max_batch_size: int, instances: int,
-                    max_input_len: int | None, max_seq_len: int | None) -> dict[str, object]:
-    config = MGMConfig.from_model_dir(model_dir)
-    read_vision_artifact(engine_dir, backend, config)
-    max_input_len = max_input_len or config.max_length
-    max_seq_len = max_seq_len or min(config.llm_config.max_position_embeddings, max_input_len + 1024)
-    lr = "-1, 5, 3, 336, 336" if config.hd else "-1, 3, 336, 336"
+def cpu_contract(config: MGMConfig, max_batch_size: int | None, max_input_len: int | None,
+                 max_seq_len: int | None, max_images_per_request: int | None) -> LLMContract:
+    """The CPU runner's contract, from the same formula as an engine build (it has no build step)."""
+    input_len = max_input_len or config.max_length
+    if max_images_per_request is None:
+        fit = max(1, (input_len - 1) // config.tokens_per_image)
+        max_images_per_request = 1 if config.hd else min(CPU_MAX_IMAGES, fit)
+    limits = derive_limits(max_batch_size=max_batch_size or CPU_DEFAULT_MAX_BATCH_SIZE,
+                           tokens_per_image=config.tokens_per_image, max_images_per_request=max_images_per_request,
+                           max_input_len=max_input_len, max_seq_len=max_seq_len, default_input_len=config.max_length)
+    return LLMContract(runtime="pytorch", dtype="float32", hidden_size=config.hidden_size,
+                       vocab_offset=config.vocab_size, **limits)
+
+
+def gpu_contract(engine_dir: Path, config: MGMConfig, **overrides: int | None) -> LLMContract:
+    """The engine's contract from llm/build_info.json, lowered (never raised) by the repo's options."""
+    llm = engine_dir / "llm"
+    if not (llm / "engine" / "config.json").is_file():
+        raise CheckpointError(f"{engine_dir}: no llm/engine/config.json; build it with "
+                              f"`mgm-build llm --output_dir {llm} --build`")
+    built = read_llm_contract(llm / "build_info.json")
+    if built.runtime != "tensorrt_llm":
+        raise CheckpointError(f"{llm / 'build_info.json'}: runtime {built.runtime!r}, --backend gpu needs tensorrt_llm")
+    if (built.tokens_per_image, built.hidden_size) != (config.tokens_per_image, config.hidden_size):
+        raise CheckpointError(f"{llm / 'build_info.json'}: built for {built.tokens_per_image} tokens x "
+                              f"{built.hidden_size} hidden, the checkpoint has {config.tokens_per_image} x "
+                              f"{config.hidden_size}: rebuild the LLM engine")
+    return built.with_overrides(str(llm / "build_info.json"), **overrides)
+
+
+def template_values(model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract,
+                    instances: int) -> dict[str, object]:
+    """Every template value, read from the two contracts (never recomputed here)."""
     values = {
-        "triton_max_batch_size": max_batch_size,
+        "triton_max_batch_size": contract.max_batch_size,
         "max_queue_delay_microseconds": 1000,
         "model_dir": model_dir.resolve(),
-        "lr_dims": lr,
-        "image_size_aux": config.image_size_aux,
-        "hidden_size": config.hidden_size,
-        "max_input_len": max_input_len,
-        "max_seq_len": max_seq_len,
-        "max_images_per_request": 1 if config.hd else 4,
+        "lr_dims": ", ".join(map(str, (-1, *vision.images_shape))),
+        "image_size_aux": vision.images_aux_shape[-1],
+        "hidden_size": contract.hidden_size,
+        "max_input_len": contract.max_input_len,
+        "max_seq_len": contract.max_seq_len,
+        "max_images_per_request": contract.max_images_per_request,
         "preprocessing_instances": instances,
         "postprocessing_instances": instances,
         "vision_dir": (engine_dir / "vision").resolve(),
         "vision_threads": os.cpu_count() or 1,
         "vision_instances": 1,
-        "prompt_table_type": "TYPE_FP32" if backend == "cpu" else "TYPE_FP16",
-        "max_active_requests": max_batch_size,
-        "llm_threads": os.cpu_count() or 1,
-        "vocab_offset": config.vocab_size,
+        "prompt_table_type": contract.prompt_table_type,
+        "vocab_offset": contract.vocab_offset,
     }
-    if backend == "gpu":
-        llm = engine_dir / "llm"
-        if not (llm / "engine" / "config.json").is_file():
-            raise CheckpointError(f"{engine_dir}: no llm/engine/config.json; build it with "
-                                  f"`mgm-build llm --output_dir {llm} --build`")
-        values["llm_engine_dir"] = (llm / "engine").resolve()
-        info = llm / "build_info.json"
-        if info.is_file():  # a padded vocabulary (e.g. INT4 AWQ) moves the first fake id
-            values["vocab_offset"] = json.loads(info.read_text()).get("prompt_table_vocab_offset", config.vocab_size)
+    if contract.runtime == "pytorch":
+        values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
+    else:
+        values.update(llm_engine_dir=(engine_dir / "llm" / "engine").resolve(), tokenizer_dir=model_dir.resolve())
     return values
 
 
-def build_repo(model_dir, engine_dir, output_dir, backend: str = "cpu", max_batch_size: int = 8,
-               instances: int = 1, max_input_len: int | None = None, max_seq_len: int | None = None) -> Path:
+def build_repo(model_dir, engine_dir, output_dir, backend: str = "cpu", max_batch_size: int | None = None,
+               instances: int = 1, max_input_len: int | None = None, max_seq_len: int | None = None,
+               max_images_per_request: int | None = None) -> Path:
     if backend not in MODELS:
         raise ValueError(f"--backend must be one of {sorted(MODELS)}, got {backend!r}")
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
-    values = template_values(model_dir, engine_dir, backend, max_batch_size, instances, max_input_len, max_seq_len)
+    config = MGMConfig.from_model_dir(model_dir)
+    vision = vision_contract(engine_dir, backend, config)
+    limits = dict(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                  max_images_per_request=max_images_per_request)
+    contract = cpu_contract(config, **limits) if backend == "cpu" else gpu_contract(engine_dir, config, **limits)
+    texts = {name: (TEMPLATES / template / "config.pbtxt").read_text() for name, template in MODELS[backend].items()}
     if out.exists():
         shutil.rmtree(out)
+    # Both backends fill from the contract file as written into the repository: one code path.
+    write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
+    contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
+    values = template_values(model_dir, engine_dir, contract, vision, instances)
+    unused = unused_values(values, texts.values())
+    if unused:
+        raise ValueError(f"template values {unused} are used by no {backend} template")
     for name, template in MODELS[backend].items():
         src, dst = TEMPLATES / template, out / name
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"))
-        text = (src / "config.pbtxt").read_text()
-        mine = {k: v for k, v in values.items() if "${" + k + "}" in text}
-        (dst / "config.pbtxt").write_text(fill_template(text, mine))
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "config.pbtxt"), dirs_exist_ok=True)
+        mine = {k: v for k, v in values.items() if k in placeholders(texts[name])}
+        (dst / "config.pbtxt").write_text(fill_template(texts[name], mine))
     return out
 
 
@@ -107,15 +147,19 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--engine_dir", required=True, help="folder with vision/ (and llm/ for gpu)")
     parser.add_argument("--output_dir", required=True, help="model repository to write (replaced)")
     parser.add_argument("--backend", choices=sorted(MODELS), default="cpu")
-    parser.add_argument("--max_batch_size", type=int, default=8)
     parser.add_argument("--instances", type=int, default=1, help="instances of preprocessing/postprocessing")
+    # gpu: default and upper bound are what llm/build_info.json records; cpu: these define the contract
+    parser.add_argument("--max_batch_size", type=int, default=None,
+                        help=f"requests batched together (gpu: the engine's; cpu: {CPU_DEFAULT_MAX_BATCH_SIZE})")
     parser.add_argument("--max_input_len", type=int, default=None, help="prompt tokens incl. image tokens")
     parser.add_argument("--max_seq_len", type=int, default=None, help="prompt + generated tokens")
+    parser.add_argument("--max_images_per_request", type=int, default=None,
+                        help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)")
     return parser
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:
     out = build_repo(args.model_dir, args.engine_dir, args.output_dir, args.backend, args.max_batch_size,
-                     args.instances, args.max_input_len, args.max_seq_len)
+                     args.instances, args.max_input_len, args.max_seq_len, args.max_images_per_request)
     print(f"wrote {args.backend} model repository to {out}")
     return out

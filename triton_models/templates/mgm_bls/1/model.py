@@ -23,7 +23,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PREPROCESS_INPUTS = {"text_input": "QUERY", "image_input": "IMAGE", "image_sizes": "IMAGE_SIZES",
                      "history": "HISTORY", "conv_mode": "CONV_MODE", "max_tokens": "REQUEST_OUTPUT_LEN"}
 LLM_INPUTS = {"max_tokens": "request_output_len", "temperature": "temperature", "top_p": "runtime_top_p",
-              "top_k": "runtime_top_k", "seed": "random_seed"}
+              "top_k": "runtime_top_k", "seed": "seed"}
 
 
 def forward(request, mapping):
@@ -38,6 +38,17 @@ def forward(request, mapping):
 def rename(response, mapping):
     return [pb_utils.Tensor(new, pb_utils.get_output_tensor_by_name(response, old).as_numpy())
             for old, new in mapping.items()]
+
+
+def prompt_table_inputs(vis):
+    """The image rows for tensorrt_llm, or nothing for a text-only request (no 0-row table).
+    DLPack carries the table in whatever dtype it has: a bf16 table has no numpy form."""
+    rows = int(pb_utils.get_output_tensor_by_name(vis, "OUT_PROMPT_VOCAB_SIZE").as_numpy().reshape(-1)[0])
+    if rows == 0:
+        return []
+    table = pb_utils.get_output_tensor_by_name(vis, "OUT_PROMPT_EMBEDDING_TABLE")
+    return [pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.to_dlpack()),
+            pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], np.int32))]
 
 
 async def call(model, inputs, outputs):
@@ -79,11 +90,11 @@ class TritonPythonModel:
                          ["OUT_PROMPT_EMBEDDING_TABLE", "OUT_PROMPT_VOCAB_SIZE"])
         llm_inputs = forward(request, LLM_INPUTS) + rename(pre, {
             "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "END_ID": "end_id",
-            "STOP_WORDS_IDS": "stop_words_list"}) + rename(vis, {
-            "OUT_PROMPT_EMBEDDING_TABLE": "prompt_embedding_table", "OUT_PROMPT_VOCAB_SIZE": "prompt_vocab_size"})
+            "STOP_WORDS_IDS": "stop_words_list"}) + prompt_table_inputs(vis)
         llm_inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         responses = await pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", inputs=llm_inputs, requested_output_names=["output_ids"]
+            # the tensorrtllm backend fails a response unless both of these outputs are requested
+            model_name="tensorrt_llm", inputs=llm_inputs, requested_output_names=["output_ids", "sequence_length"]
         ).async_exec(decoupled=True)
 
         detok = IncrementalDetokenizer(self.tokenizer, get_template(conv_mode).stop_strings)

@@ -52,7 +52,7 @@ class TritonPythonModel:
             temperature=float(scalar_input(request, "temperature", 0.0)),
             top_p=float(scalar_input(request, "runtime_top_p", 1.0)),
             top_k=int(scalar_input(request, "runtime_top_k", 0)),
-            seed=scalar_input(request, "random_seed"),
+            seed=scalar_input(request, "seed"),
             stop_ids=([int(end_id)] if end_id is not None else []) + stops,
             request_id=request.request_id(),
         )

@@ -14,9 +14,11 @@ class TritonPythonModel:
         params = params_of(json.loads(args["model_config"]))
         threads = int(params.get("threads") or 0) or None
         self.runner = VisionRunner(params["vision_dir"], threads)
-        # The table goes to the LLM in its dtype (fp32 on the CPU path, fp16 for TensorRT-LLM).
+        # The table goes to the LLM in the engine's dtype (TensorRT-LLM rejects any other): fp32 on the
+        # CPU path, fp16 or bf16 for TensorRT-LLM. numpy has no bf16, so that one leaves through DLPack.
         out = pb_utils.get_output_config_by_name(json.loads(args["model_config"]), "OUT_PROMPT_EMBEDDING_TABLE")
-        self.table_dtype = pb_utils.triton_string_to_numpy(out["data_type"])
+        self.table_type = out["data_type"]
+        self.table_dtype = None if self.table_type == "TYPE_BF16" else pb_utils.triton_string_to_numpy(self.table_type)
 
     def execute(self, requests):
         try:
@@ -27,10 +29,18 @@ class TritonPythonModel:
             return [error_response(e) for _ in requests]
         responses, start = [], 0
         for img in images:
-            rows = feats[start:start + len(img)].reshape(-1, feats.shape[-1]).astype(self.table_dtype)
+            rows = feats[start:start + len(img)].reshape(-1, feats.shape[-1])
             start += len(img)
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("OUT_PROMPT_EMBEDDING_TABLE", rows[None]),
+                self.table_tensor(rows[None]),
                 pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
             ]))
         return responses
+
+    def table_tensor(self, rows: np.ndarray):
+        if self.table_dtype is not None:
+            return pb_utils.Tensor("OUT_PROMPT_EMBEDDING_TABLE", rows.astype(self.table_dtype))
+        import torch  # bf16 only: the tensor crosses as DLPack, as numpy cannot hold it
+
+        table = torch.from_numpy(np.ascontiguousarray(rows, np.float32)).to(torch.bfloat16)
+        return pb_utils.Tensor.from_dlpack("OUT_PROMPT_EMBEDDING_TABLE", torch.utils.dlpack.to_dlpack(table))
