@@ -13,14 +13,16 @@ FROM ${TRITON_IMAGE}
 WORKDIR /opt/mgm-deploy
 COPY pyproject.toml README.md ./
 COPY mgm_ref mgm_ref
+COPY mgm_runtime mgm_runtime
 COPY build_engines build_engines
 COPY triton_models triton_models
 COPY client client
 
 # Keep the image's torch, TensorRT, TensorRT-LLM, ModelOpt and tritonclient: install the project
-# without dependency resolution, then only what the image lacks.
+# without dependency resolution, then only what the image lacks: onnxscript for the ONNX export,
+# onnxruntime for `mgm-build vision`'s parity check of the exported graph (TensorRT-LLM does not bring it).
 RUN pip install --no-cache-dir --no-deps -e . \
- && pip install --no-cache-dir "onnxscript>=0.2" "sentencepiece>=0.2"
+ && pip install --no-cache-dir "onnxscript>=0.2" "onnxruntime>=1.20" "sentencepiece>=0.2"
 
 # The GPU flow (README): build the vision engine and the LLM engine, fill the repository, serve.
 #   mgm-build vision --model_dir /models/MGM-7B --output_dir /engines/mgm7b/vision --dtype float16
