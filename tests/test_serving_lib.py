@@ -115,7 +115,7 @@ class FakeTokens:
         self.reads += 1
         return self.chunks.pop(0) if self.chunks else None
 
-    def close(self):
+    async def close(self):
         self.closed = True
 
 

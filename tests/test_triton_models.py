@@ -198,6 +198,29 @@ def test_llm_model_cancels_when_the_client_leaves(stub, llama_dir):
         model.finalize()
 
 
+def test_llm_model_stop_request_ends_the_generation_with_that_id(stub, llama_dir):
+    model = start("tensorrt_llm_cpu", tb.model_config("tensorrt_llm_cpu", **values(llama_dir)))
+    running = llm_request([5, 6, 7], 4000, streaming=True)
+    running._id = "gen-1"
+    stop = llm_request([0], 1, streaming=False, stop=np.array([[True]]))
+    stop._id = "gen-1"
+
+    async def run():
+        task = asyncio.ensure_future(model.execute([running]))
+        while len(running.sender.sent) < 3:
+            await asyncio.sleep(0.01)
+        await model.execute([stop])
+        await asyncio.wait_for(task, 30)
+
+    try:
+        asyncio.run(run())
+        assert stop.sender.sent == [(None, tb.FINAL)]
+        assert running.sender.finished and len(running.sender.sent) < 1000
+        assert model.engine.stats["cancelled"] == 1 and not model.running
+    finally:
+        model.finalize()
+
+
 # ---- mgm_bls ----------------------------------------------------------------------------------------
 def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     tokenizer = load_tokenizer(llama_dir)
@@ -216,13 +239,21 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
                                      tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32))])
 
     def llm(inputs):
+        if "stop" in inputs:
+            yield tb.InferenceResponse([])
+            return
         assert inputs["streaming"].item() and inputs["request_output_len"].item() == 20
         for i in answer_ids:
             reads.append(i)
             yield tb.InferenceResponse([tb.Tensor("output_ids", np.array([[[i]]], np.int32))])
         yield tb.InferenceResponse([])
 
-    tb.downstream.update(preprocessing=preprocessing, vision_encoder=vision, tensorrt_llm=llm)
+    def llm_call(inputs):
+        if "stop" in inputs:  # a stop request is answered at once, as by the real model
+            return list(llm(inputs))
+        return llm(inputs)
+
+    tb.downstream.update(preprocessing=preprocessing, vision_encoder=vision, tensorrt_llm=llm_call)
     model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
     try:
         reqs = [tb.Request({"text_input": text("Why?"), "max_tokens": np.array([[20]], np.int32),
@@ -230,7 +261,12 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
         asyncio.run(model.execute(reqs))
     finally:
         model.finalize()
-    assert [m for m, _ in tb.bls_calls] == ["preprocessing", "vision_encoder", "tensorrt_llm"] * 2
+    from collections import Counter
+    assert Counter(m for m, _ in tb.bls_calls) == {"preprocessing": 2, "vision_encoder": 2, "tensorrt_llm": 4}
+    # the generation was stopped at the stop string: a `stop` request with the generation's id
+    generations = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" not in i]
+    stops = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" in i]
+    assert sorted(stops) == sorted(generations) and len(set(stops)) == 2 and all(stops)
     streamed = [r.output("text_output")[0, 0].decode() for r in reqs[0].sender.responses()]
     assert "".join(streamed).strip() == "Blue sky." and not streamed[0][0].isspace() and len(streamed) > 2
     whole = reqs[1].sender.responses()
@@ -238,3 +274,34 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     assert all(r.sender.finished for r in reqs)
     assert len(reads) < 2 * len(answer_ids)  # reading stopped at the stop string both times
     assert model.waiters._shutdown
+
+
+def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
+    tokenizer = load_tokenizer(llama_dir)
+    ids = tokenizer.encode(" Red.<|im_end|> more text", add_special_tokens=False)
+
+    def llm(inputs):
+        if "stop" in inputs:
+            raise RuntimeError("unexpected inference input 'stop'")  # as a backend that lacks it
+        return iter([tb.InferenceResponse([tb.Tensor("output_ids", np.array([[[i]]], np.int32))]) for i in ids])
+
+    empty = {"IMAGES": np.zeros((1, 0, 3, 336, 336), np.float32), "IMAGES_AUX": np.zeros((1, 0, 3, 8, 8), np.float32)}
+    tb.downstream.update(
+        preprocessing=lambda inputs: tb.InferenceResponse(
+            [tb.Tensor(n, np.zeros((1, 2), np.int32)) for n in ("INPUT_ID", "REQUEST_INPUT_LEN", "END_ID",
+                                                                 "STOP_WORDS_IDS")] +
+            [tb.Tensor(n, v) for n, v in empty.items()]),
+        vision_encoder=lambda inputs: tb.InferenceResponse(
+            [tb.Tensor("OUT_PROMPT_EMBEDDING_TABLE", np.zeros((1, 0, 4), np.float32)),
+             tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32))]),
+        tensorrt_llm=llm)
+    model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
+    req = tb.Request({"text_input": text("Colour?"), "max_tokens": np.array([[20]], np.int32),
+                      "conv_mode": text("chatml_direct")})
+    try:
+        asyncio.run(model.execute([req]))
+    finally:
+        model.finalize()
+    (response, flags), = req.sender.sent
+    assert flags == tb.FINAL and not response.has_error()
+    assert response.output("text_output")[0, 0].decode() == "Red."

@@ -104,12 +104,12 @@ bls_calls: list[tuple[str, dict]] = []
 
 
 class InferenceRequest:
-    def __init__(self, model_name: str, inputs, requested_output_names=(), **_):
-        self.model_name = model_name
+    def __init__(self, model_name: str, inputs, requested_output_names=(), request_id: str = "", **_):
+        self.model_name, self.request_id = model_name, request_id
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
 
     def _call(self):
-        bls_calls.append((self.model_name, self.inputs))
+        bls_calls.append((self.model_name, {**self.inputs, "request_id": self.request_id}))
         return downstream[self.model_name](self.inputs)
 
     def exec(self, decoupled: bool = False):

@@ -7,9 +7,14 @@ importable without a server).
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from triton_models.lib.triton_io import pb
+
+log = logging.getLogger(__name__)
 
 
 def forward(request, mapping: dict[str, str]) -> list:
@@ -40,24 +45,50 @@ async def call(model: str, inputs: list, outputs: list[str]):
 
 
 class StreamedTokens:
-    """The `output_ids` of a decoupled call, as `pipeline.TokenStream`. The response iterator blocks,
-    so it is read in `waiters`. This python backend cannot cancel a BLS stream: `close()` stops
-    reading; the callee ends the generation at its own stop conditions."""
+    """The `output_ids` of a decoupled tensorrt_llm call, as `pipeline.TokenStream`.
 
-    def __init__(self, responses, waiters: ThreadPoolExecutor, output: str = "output_ids"):
+    The response iterator blocks, so it is read in `waiters`. This python backend cannot cancel a BLS
+    stream, so `close()` before the end sends TensorRT-LLM's `stop` request (same request id) to end
+    the generation and free its slot, then stops reading.
+    """
+
+    def __init__(self, responses, waiters: ThreadPoolExecutor, model: str, request_id: str,
+                 output: str = "output_ids"):
         self.responses, self.waiters, self.output = responses, waiters, output
+        self.model, self.request_id = model, request_id
+        self.finished = False
 
     async def next(self) -> list[int] | None:
         loop = asyncio.get_running_loop()
         while True:
             response = await loop.run_in_executor(self.waiters, next, self.responses, None)
             if response is None:
+                self.finished = True
                 return None
             if response.has_error():
+                self.finished = True
                 raise RuntimeError(response.error().message())
             tokens = pb().get_output_tensor_by_name(response, self.output)
             if tokens is not None:  # else: the empty final response
                 return tokens.as_numpy().reshape(-1).tolist()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self.responses = iter(())
+        if self.finished:
+            return
+        self.finished = True
+        pb_utils = pb()
+        # the required inputs must be present; the model only reads `stop` and the request id
+        inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+                  pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+                  pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
+                  pb_utils.Tensor("stop", np.array([[True]]))]
+        request = pb_utils.InferenceRequest(model_name=self.model, inputs=inputs, request_id=self.request_id,
+                                            requested_output_names=[self.output])
+        try:  # the answer is complete either way: a failed stop only lets the generation run on
+            for response in await request.async_exec(decoupled=True):
+                if response.has_error():
+                    log.warning("stopping %s request %r failed: %s", self.model, self.request_id,
+                                response.error().message())
+        except Exception as e:  # noqa: BLE001 - e.g. a model without the `stop` input; logged, not raised
+            log.warning("stopping %s request %r failed: %s", self.model, self.request_id, e)

@@ -28,8 +28,8 @@ class TokenStream(Protocol):
     async def next(self) -> list[int] | None:
         """The next token ids; None once the generation ended."""
 
-    def close(self) -> None:
-        """Stop reading: the answer is complete or its client left."""
+    async def close(self) -> None:
+        """Stop reading (and the generation, if it still runs): the answer is complete or its client left."""
 
 
 class Stages(Protocol):
@@ -91,5 +91,5 @@ async def run_answer(stages: Stages, text: AnswerText, send: Callable[[Piece], N
             if text.stopped:
                 break
     finally:
-        tokens.close()
+        await tokens.close()
     send(Piece(text.finish(), count, ttft, final=True))

@@ -7,6 +7,7 @@ every response is sent from the event loop.
 
 import asyncio
 import json
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -49,9 +50,10 @@ class Stages:
     async def generate(self, pre, vis):
         inputs = forward(self.request, LLM_INPUTS) + rename(pre, PRE_TO_LLM) + rename(vis, VISION_TO_LLM)
         inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
-        responses = await pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs,
+        request_id = f"mgm_bls-{uuid.uuid4().hex}"  # names the generation for a `stop` request
+        responses = await pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=request_id,
                                                     requested_output_names=["output_ids"]).async_exec(decoupled=True)
-        return StreamedTokens(responses, self.waiters)
+        return StreamedTokens(responses, self.waiters, "tensorrt_llm", request_id)
 
 
 class TritonPythonModel:

@@ -37,6 +37,7 @@ class TritonPythonModel:
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
         attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
         self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]))
+        self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
     async def execute(self, requests):
         await asyncio.gather(*(self.serve(r) for r in requests))
@@ -44,6 +45,10 @@ class TritonPythonModel:
 
     async def serve(self, request):
         sender = request.get_response_sender()
+        if scalar_input(request, "stop", False):
+            self.stop(request.request_id())
+            sender.send(None, flags=FINAL)
+            return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         try:
@@ -53,6 +58,23 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             sender.send(error_response(e), flags=FINAL)
             return
+        key = request.request_id()
+        if key:
+            self.running[key] = handle
+        try:
+            await self.stream(request, sender, handle, streaming, woken)
+        finally:
+            if self.running.get(key) is handle:
+                del self.running[key]
+
+    def stop(self, request_id: str) -> None:
+        """Cancel the running request with this id (TensorRT-LLM's `stop` input); unknown ids are
+        finished already."""
+        handle = self.running.get(request_id) if request_id else None
+        if handle is not None:
+            handle.cancel()
+
+    async def stream(self, request, sender, handle, streaming, woken):
         tokens, finished = [], False
         while not finished:
             try:
