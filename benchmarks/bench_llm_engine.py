@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from triton_models.lib.llm_engine import GenerationRequest, LLMEngine  # noqa: E402
+from triton_models.lib import attention  # noqa: E402
+from triton_models.lib.engine import GenerationRequest, LLMEngine  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -64,6 +65,7 @@ def hf_sequential(llm, reqs):
 
 
 def engine_concurrent(llm, reqs, max_batch):
+    attention.use_native_gqa(llm, llm.device)
     engine = LLMEngine(llm, max_batch_size=max_batch, device=llm.device)
     try:
         engine.generate(make_requests(llm.config, 1, 8, 2, reqs[0].prompt_table.dtype, seed=99)[0])  # warm-up

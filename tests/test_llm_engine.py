@@ -15,7 +15,8 @@ from mgm_ref.loader import load_model
 from mgm_ref.model import GenerationParams
 from mgm_ref.tokenization import tokenizer_image_token
 from tests.conftest import random_image
-from triton_models.lib.llm_engine import EngineShutdown, GenerationRequest, LLMEngine
+from triton_models.lib import attention
+from triton_models.lib.engine import EngineShutdown, GenerationRequest, LLMEngine
 from triton_models.lib.sampling import RowSampling, sample_next
 
 Q = "What is in the picture?"
@@ -132,28 +133,46 @@ def test_in_flight_requests_get_their_solo_tokens(models, engine_factory, llm):
     assert engine.num_active == 0 and engine.cache.batch == 0
 
 
-def test_native_gqa_backend_is_scoped_to_the_engine_and_matches_sdpa(models):
-    llm = models("gemma").llm  # MQA: 4 query heads share 1 K/V head
+def test_engine_keeps_the_callers_attention_backend_and_native_gqa_matches_sdpa(models):
+    model = models("gemma")  # MQA: 4 query heads share 1 K/V head
+    llm = model.llm
     assert llm.config._attn_implementation == "sdpa"
     embeds = torch.randn(2, 9, llm.config.hidden_size)
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0  # a left-padded row: "sdpa" then repeats K/V, the native backend does not
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    reqs = [random_request(model, 0, 8, max_new_tokens=12), random_request(model, 1, 30, max_new_tokens=9)]
     with torch.inference_mode():
         expected = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    engine = LLMEngine(llm)
+    with LLMEngine(llm, max_batch_size=2) as engine:
+        assert llm.config._attn_implementation == "sdpa"
+        handles = [engine.submit(r) for r in reqs]
+        sdpa_tokens = [h.result(timeout=60) for h in handles]
+    assert llm.config._attn_implementation == "sdpa"
     try:
-        assert llm.config._attn_implementation == "sdpa_native_gqa"
+        assert attention.use_native_gqa(llm, "cpu")
         with torch.inference_mode():
             got = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1, 4:], expected[1, 4:], rtol=1e-5, atol=1e-5)
+        with LLMEngine(llm, max_batch_size=2) as engine:
+            handles = [engine.submit(r) for r in reqs]
+            assert [h.result(timeout=60) for h in handles] == sdpa_tokens
+        assert llm.config._attn_implementation == attention.NAME
     finally:
-        engine.shutdown()
-    assert llm.config._attn_implementation == "sdpa"
-    engine = LLMEngine(llm, native_gqa=False)
-    assert llm.config._attn_implementation == "sdpa"
-    engine.shutdown()
+        llm.set_attn_implementation("sdpa")
+
+
+def test_sampling_leaves_the_global_rngs_alone(models, engine_factory):
+    import random
+    model = models("llama")
+    engine = engine_factory(model.llm)
+    torch_state, py_state = torch.random.get_rng_state(), random.getstate()
+    unseeded = [engine.generate(random_request(model, 3, 10, max_new_tokens=8, temperature=1.0)) for _ in range(2)]
+    seeded = engine.generate(random_request(model, 3, 10, max_new_tokens=8, temperature=1.0, seed=5))
+    assert torch.equal(torch.random.get_rng_state(), torch_state) and random.getstate() == py_state
+    assert engine.generate(random_request(model, 3, 10, max_new_tokens=8, temperature=1.0, seed=5)) == seeded
+    assert unseeded[0] != unseeded[1]  # unseeded requests draw fresh entropy
 
 
 def test_chunked_prefill_keeps_running_streams_flowing(models, engine_factory):

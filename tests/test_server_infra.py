@@ -21,7 +21,8 @@ import pytest
 
 from build_engines.fill_template import fill_template, parse_substitutions
 from build_engines.fill_template import main as fill_template_main
-from triton_models import server as srv
+from triton_models.launcher import argv, install, process
+from triton_models.launcher.errors import ServerError
 
 # --------------------------------------------------------------------------- toy model repository
 
@@ -92,8 +93,8 @@ def write_model(repo: Path, name: str, config: str, model_py: str) -> None:
 
 def require_server() -> None:
     try:
-        srv.find_server()
-    except srv.ServerError as exc:
+        install.find_server()
+    except ServerError as exc:
         pytest.skip(f"no runnable tritonserver: {exc}")
 
 
@@ -140,16 +141,16 @@ def test_fill_template_cli_in_place(tmp_path, capsys):
 # --------------------------------------------------------------------------- launcher, no server
 
 
-def fake_install(tmp_path: Path) -> srv.ServerInstall:
-    return srv.ServerInstall(binary=tmp_path / "bin" / "tritonserver",
+def fake_install(tmp_path: Path) -> install.ServerInstall:
+    return install.ServerInstall(binary=tmp_path / "bin" / "tritonserver",
                              backend_dir=tmp_path / "backends", cache_dir=tmp_path / "caches")
 
 
 def test_mpirun_command_one_server_per_rank(tmp_path):
     install = fake_install(tmp_path)
-    opts = srv.ServerOptions(model_repo=Path("/repo"), shm_prefix="t",
+    opts = argv.ServerOptions(model_repo=Path("/repo"), shm_prefix="t",
                              worker_models=("tensorrt_llm", "multimodal_encoders"))
-    cmd = srv.mpirun_command(install, opts, world_size=3)
+    cmd = argv.mpirun_command(install, opts, world_size=3)
     assert cmd[:2] == ["mpirun", "--allow-run-as-root"]
     ranks = " ".join(cmd[2:]).split(" : ")
     assert len(ranks) == 3
@@ -170,26 +171,26 @@ def test_mpirun_command_one_server_per_rank(tmp_path):
 
 
 def test_world_size_needs_mpirun(tmp_path, monkeypatch):
-    monkeypatch.setattr(srv.shutil, "which", lambda name: None)
-    opts = srv.ServerOptions(model_repo=tmp_path)
-    with pytest.raises(srv.ServerError, match="mpirun"):
-        srv.server_command(fake_install(tmp_path), opts, world_size=2)
-    single = srv.server_command(fake_install(tmp_path), opts, world_size=1)
+    monkeypatch.setattr(argv.shutil, "which", lambda name: None)
+    opts = argv.ServerOptions(model_repo=tmp_path)
+    with pytest.raises(ServerError, match="mpirun"):
+        argv.server_command(fake_install(tmp_path), opts, world_size=2)
+    single = argv.server_command(fake_install(tmp_path), opts, world_size=1)
     assert single[0].endswith("tritonserver")
 
 
 def test_explicit_ports_are_kept_and_free_ones_are_distinct(tmp_path):
-    server = srv.TritonServer(tmp_path, 18000, None, None)
+    server = process.TritonServer(tmp_path, 18000, None, None)
     http, grpc, metrics = server._pick_ports()
     assert http == 18000 and len({http, grpc, metrics}) == 3
 
 
 def test_server_home_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MGM_TRITON_HOME", str(tmp_path / "tree"))
-    assert srv.default_server_home() == tmp_path / "tree"
+    assert install.default_server_home() == tmp_path / "tree"
     monkeypatch.delenv("MGM_TRITON_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert srv.default_server_home().parent == tmp_path / "mgm-deploy"
+    assert install.default_server_home().parent == tmp_path / "mgm-deploy"
 
 
 def test_server_tree_is_built_once_and_tolerates_a_race(tmp_path, monkeypatch):
@@ -200,27 +201,27 @@ def test_server_tree_is_built_once_and_tolerates_a_race(tmp_path, monkeypatch):
                 f"python_backend_stubs/{py}/triton_python_backend_stub"):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(rel)
-    dest = srv.ensure_server_tree(src, tmp_path / "home" / "tree")
+    dest = install.ensure_server_tree(src, tmp_path / "home" / "tree")
     assert (dest / "backends/python/triton_python_backend_stub").read_text().endswith("stub")
     (src / "bin/tritonserver").write_text("changed")
-    assert srv.ensure_server_tree(src, dest) == dest  # reused, not rebuilt
+    assert install.ensure_server_tree(src, dest) == dest  # reused, not rebuilt
     assert (dest / "bin/tritonserver").read_text() == "bin/tritonserver"
     # Another process finishes first while we copy: our rename loses, its tree is used.
     racer = tmp_path / "home" / "raced"
-    populate = srv._populate_tree
+    populate = install._populate_tree
 
     def populate_while_other_process_wins(src_dir, tmp_dir):
         populate(src_dir, tmp_dir)
-        monkeypatch.setattr(srv, "_populate_tree", populate)
-        srv.ensure_server_tree(src_dir, racer)
+        monkeypatch.setattr(install, "_populate_tree", populate)
+        install.ensure_server_tree(src_dir, racer)
 
-    monkeypatch.setattr(srv, "_populate_tree", populate_while_other_process_wins)
-    assert srv.ensure_server_tree(src, racer) == racer
+    monkeypatch.setattr(install, "_populate_tree", populate_while_other_process_wins)
+    assert install.ensure_server_tree(src, racer) == racer
     assert (racer / ".mgm-complete").is_file()
     # An incomplete directory in the way is reported, not silently used.
     (racer / ".mgm-complete").unlink()
-    with pytest.raises(srv.ServerError, match="cannot create"):
-        srv.ensure_server_tree(src, racer)
+    with pytest.raises(ServerError, match="cannot create"):
+        install.ensure_server_tree(src, racer)
     assert [p.name for p in (tmp_path / "home").iterdir() if p.name.startswith(".")] == []
 
 
@@ -233,7 +234,7 @@ def toy_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_model(repo, "add_one", ADD_ONE_CONFIG, ADD_ONE_MODEL)
     write_model(repo, "stream3", STREAM3_CONFIG, STREAM3_MODEL)
-    with srv.TritonServer(repo) as server:
+    with process.TritonServer(repo) as server:
         yield server
 
 
@@ -323,13 +324,13 @@ def test_perf_analyzer_smoke(toy_server):
 def test_stop_leaves_no_process_and_no_port(tmp_path):
     require_server()
     write_model(tmp_path, "add_one", ADD_ONE_CONFIG, ADD_ONE_MODEL)
-    server = srv.TritonServer(tmp_path).start()
+    server = process.TritonServer(tmp_path).start()
     ports = server.ports
-    assert len(set(ports)) == 3 and not any(srv.port_is_free(p) for p in ports)
+    assert len(set(ports)) == 3 and not any(process.port_is_free(p) for p in ports)
     assert server.group_alive()
     assert server.stop() == 0
     assert not server.group_alive()  # server and python stubs gone
-    assert all(srv.port_is_free(p) for p in ports)
+    assert all(process.port_is_free(p) for p in ports)
     assert server.stop() == 0  # idempotent
 
 
@@ -337,20 +338,20 @@ def test_stop_leaves_no_process_and_no_port(tmp_path):
 def test_failed_model_load_reports_the_cause(tmp_path):
     require_server()
     write_model(tmp_path, "broken", ADD_ONE_CONFIG, BROKEN_MODEL)
-    server = srv.TritonServer(tmp_path)
-    with pytest.raises(srv.ServerError, match="exited with code 1") as info:
+    server = process.TritonServer(tmp_path)
+    with pytest.raises(ServerError, match="exited with code 1") as info:
         server.start(timeout=60)
     assert "toy model refuses to load" in str(info.value)
     assert not server.group_alive()
 
 
 def start_cli(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """`python -m triton_models.server` on the toy add_one repo, once it says it is ready."""
+    """`python -m triton_models.launcher.cli` on the toy add_one repo, once it says it is ready."""
     write_model(tmp_path / "repo", "add_one", ADD_ONE_CONFIG, ADD_ONE_MODEL)
-    ports = [srv.free_port() for _ in range(3)]
+    ports = [process.free_port() for _ in range(3)]
     if len(set(ports)) < 3:
         pytest.skip("the OS handed out the same free port twice")
-    cmd = [sys.executable, "-m", "triton_models.server", "--model_repo", str(tmp_path / "repo"),
+    cmd = [sys.executable, "-m", "triton_models.launcher.cli", "--model_repo", str(tmp_path / "repo"),
            "--http_port", str(ports[0]), "--grpc_port", str(ports[1]),
            "--metrics_port", str(ports[2]), "--ready_timeout", "60"]
     # stdout carries the server log; stderr only mgm-serve's own messages.
@@ -367,7 +368,7 @@ def start_cli(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
 
 def wait_ports_free(ports: list[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while not all(srv.port_is_free(p) for p in ports):
+    while not all(process.port_is_free(p) for p in ports):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -385,7 +386,7 @@ def test_cli_forwards_sigint_and_exits_cleanly(tmp_path):
         cli.kill()
     assert cli.returncode == 0, err[-2000:]
     assert "SIGINT" in err
-    assert all(srv.port_is_free(p) for p in ports)
+    assert all(process.port_is_free(p) for p in ports)
 
 
 @pytest.mark.server

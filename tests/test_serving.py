@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +93,59 @@ def test_oversize_image_is_refused(llama):
     huge = png(Image.new("RGB", (9000, 8000), (1, 2, 3)))
     with pytest.raises(ClientError, match="limit"):
         llama.client().generate(QUESTION, [huge], max_tokens=2)
+
+
+def model_stub_cpu_s(server, model: str) -> float:
+    """CPU seconds used so far by the python-backend stub process of `model`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[1]) == server.pid and f"/{model}/1/model.py" in cmdline:
+            return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    raise AssertionError(f"no stub process for {model}")
+
+
+def test_a_cancelled_bls_stream_stops_its_generation(llama):
+    deltas = llama.client().stream("Tell me a long story.", [], max_tokens=2000)
+    for _ in range(3):
+        next(deltas)
+    start = model_stub_cpu_s(llama.server, "tensorrt_llm")
+    deltas.close()  # the client leaves: its gRPC stream is cancelled
+    time.sleep(3)
+    burnt = model_stub_cpu_s(llama.server, "tensorrt_llm") - start
+    print(f"tensorrt_llm CPU seconds in the 3 s after a client cancelled a BLS stream: {burnt:.2f}")
+    assert burnt < 0.5
+    assert llama.client().generate(QUESTION, [IMAGE], max_tokens=2).output_tokens > 0
+
+
+@pytest.mark.xfail(strict=True, reason="tritonserver 2.51 (nvidia-pytriton 0.7.0) does not hand a client's "
+                   "cancellation on to the ensemble's step requests: the generation runs to max_tokens")
+def test_a_cancelled_ensemble_request_stops_its_generation(llama):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from client.mgm_client import RequestSpec
+    inputs = []
+    for name, value in RequestSpec("Tell me a long story.", [], max_tokens=2000).tensors().items():
+        inp = grpcclient.InferInput(name, [1, *value.shape], np_to_triton_dtype(value.dtype))
+        inp.set_data_from_numpy(value[None])
+        inputs.append(inp)
+    client = grpcclient.InferenceServerClient(llama.server.grpc_url)
+    client.start_stream(callback=lambda result, error: None)
+    client.async_stream_infer("ensemble", inputs)
+    time.sleep(0.8)  # generating by now
+    start = model_stub_cpu_s(llama.server, "tensorrt_llm")
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    time.sleep(3)
+    burnt = model_stub_cpu_s(llama.server, "tensorrt_llm") - start
+    print(f"tensorrt_llm CPU seconds in the 3 s after a client cancelled an ensemble request: {burnt:.2f}")
+    assert burnt < 0.5
 
 
 def test_gemma_parity(gemma):

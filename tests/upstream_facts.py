@@ -111,6 +111,9 @@ INPUT_SPECS = {
     "temperature": ("TYPE_FP32", [1]),
     "seed": ("TYPE_UINT64", [1]),
     "streaming": ("TYPE_BOOL", [1]),
+    # triton-inference-server/tensorrtllm_backend:all_models/inflight_batcher_llm/tensorrt_llm/config.pbtxt
+    # @ 00abb4936166b1c8af9b63bc1141231b790caad8
+    "stop": ("TYPE_BOOL", [1]),
     "prompt_embedding_table": (None, [-1, -1]),
     "prompt_vocab_size": ("TYPE_INT32", [1]),
     "prompt_table_extra_ids": ("TYPE_UINT64", [-1]),

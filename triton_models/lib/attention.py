@@ -46,3 +46,12 @@ def wants_native_gqa(llm, device: torch.device) -> bool:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     return (_TORCH_HAS_GQA and device.type == "cpu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
             and heads is not None and kv_heads < heads)
+
+
+def use_native_gqa(llm, device: torch.device) -> bool:
+    """Switch `llm` to this backend when `wants_native_gqa`; returns whether it did. The caller owns
+    the model and its backend (the engine never switches it)."""
+    if not wants_native_gqa(llm, torch.device(device)):
+        return False
+    llm.set_attn_implementation(register())
+    return True

@@ -16,11 +16,12 @@ import numpy as np
 
 from mgm_ref.config import MGMConfig
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
-from mgm_ref.conversation import build_prompt, default_conv_mode, stop_token_ids
+from mgm_ref.conversation import build_prompt, stop_token_ids
 from mgm_ref.errors import ImageError, PromptError
 from mgm_ref.loader import load_tokenizer
 from mgm_ref.preprocess import ImageProcessor, load_image
 from mgm_ref.tokenization import tokenizer_image_token
+from triton_models.lib.chat import ChatTemplates
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Preprocessor:
         self.config = MGMConfig.from_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.processor = ImageProcessor(self.config)
-        self.default_conv_mode = default_conv_mode(self.config.family, self.tokenizer)
+        self.templates = ChatTemplates(model_dir, self.tokenizer, self.config)
         self.max_input_len = max_input_len
         self.max_images = 1 if self.config.hd else max_images
         self.max_image_pixels = max_image_pixels
@@ -77,7 +78,7 @@ class Preprocessor:
             raise PromptError("the prompt is empty")
         if len(images) > self.max_images:
             raise PromptError(f"{len(images)} images given; this model takes at most {self.max_images} per request")
-        conv_mode = conv_mode or self.default_conv_mode
+        conv_mode = self.templates.resolve(conv_mode)
         prompt = build_prompt(conv_mode, query, len(images), history)
         ids = tokenizer_image_token(prompt, self.tokenizer)
         n_tags = ids.count(IMAGE_TOKEN_INDEX)

@@ -6,7 +6,29 @@ of the library stays importable and testable without a server).
 
 from __future__ import annotations
 
+import locale
+
 import numpy as np
+
+from mgm_ref.errors import MGMError
+
+
+def use_utf8_locale() -> None:
+    """Make text files default to UTF-8 in this python-backend stub process.
+
+    The stub embeds Python with an isolated configuration: it ignores LANG, LC_ALL and PYTHONUTF8 and
+    leaves LC_CTYPE at "C", so `open()` defaults to ASCII and transformers reading its own source files
+    (e.g. in set_attn_implementation) fails. Each model calls this first in `initialize`; the stub
+    process is the model's, so no library import changes the locale.
+    """
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
 
 
 def pb():
@@ -47,3 +69,33 @@ def error_response(exc: BaseException):
 def bytes_tensor(name: str, texts: list[str]):
     """A TYPE_STRING output of one request: shape (1, len(texts)), the leading 1 is the batch dim."""
     return pb().Tensor(name, np.array([[t.encode("utf-8") for t in texts]], dtype=np.object_))
+
+
+class ModelConfigError(MGMError):
+    """A model's config.pbtxt does not match what its model.py serves."""
+
+
+def check_config(config: dict, decoupled: bool, inputs: dict[str, str] | None = None,
+                 outputs: dict[str, str] | None = None, dims: dict[str, list[int]] | None = None) -> None:
+    """Fail at load time when the config's transaction policy, tensor names or dtypes differ from
+    what the model code reads and writes (`inputs` / `outputs`: name -> "TYPE_..."; `dims`: name ->
+    the dims the config must declare, -1 included)."""
+    name = config.get("name", "?")
+    actual = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+    if actual != decoupled:
+        raise ModelConfigError(f"model {name!r} must {'' if decoupled else 'not '}use the decoupled transaction "
+                               f"policy (model_transaction_policy {{ decoupled: {str(decoupled).lower()} }})")
+    declared = {t["name"]: t for kind in ("input", "output") for t in config.get(kind, [])}
+    for kind, wanted in (("input", inputs or {}), ("output", outputs or {})):
+        names = {t["name"] for t in config.get(kind, [])}
+        for tensor, dtype in wanted.items():
+            if tensor not in names:
+                raise ModelConfigError(f"model {name!r} has no {kind} {tensor!r}")
+            if declared[tensor]["data_type"] != dtype:
+                raise ModelConfigError(f"model {name!r}: {kind} {tensor!r} must be {dtype}, "
+                                       f"the config says {declared[tensor]['data_type']}")
+    for tensor, want in (dims or {}).items():
+        got = [int(d) for d in declared.get(tensor, {}).get("dims", [])]
+        if got != list(want):
+            raise ModelConfigError(f"model {name!r}: tensor {tensor!r} must have dims {list(want)}, "
+                                   f"the config says {got}")

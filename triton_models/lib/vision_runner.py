@@ -15,11 +15,16 @@ from build_engines.vision import load_vision_artifact
 
 
 class VisionRunner:
-    def __init__(self, artifact_dir: str | Path, threads: int | None = None):
-        self.config, self.runner = load_vision_artifact(artifact_dir, threads)
+    def __init__(self, config: dict, runner):
+        """`config`: the artifact's config.json; `runner(images=, images_aux=)` -> {"image_features": ...}."""
+        self.config, self.runner = config, runner
         self.max_batch_size = int(self.config["max_batch_size"])
         self.tokens_per_image = int(self.config["tokens_per_image"])
         self.hidden_size = int(self.config["hidden_size"])
+
+    @classmethod
+    def from_dir(cls, artifact_dir: str | Path, threads: int | None = None) -> "VisionRunner":
+        return cls(*load_vision_artifact(artifact_dir, threads))
 
     def __call__(self, images: np.ndarray, images_aux: np.ndarray) -> np.ndarray:
         """(N, T, H) float32 features for N images (N may be 0: a text-only request)."""

@@ -1,73 +1,74 @@
-"""Streaming BLS: preprocessing -> vision_encoder -> tensorrt_llm, text deltas as tokens arrive.
+"""Streaming BLS: Triton glue for triton_models.lib.pipeline (preprocessing -> vision_encoder ->
+tensorrt_llm, text deltas as tokens arrive).
 
-`async def execute` handles each request in its own task, so one slow stream never holds up
-another (PLATFORM_NOTES §3b); the LLM model batches the concurrent streams in flight.
+`async def execute` handles each request in its own task, so one slow stream never holds up another;
+every response is sent from the event loop.
 """
 
 import asyncio
 import json
-import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from mgm_ref.config import MGMConfig
-from mgm_ref.conversation import default_conv_mode, get_template
 from mgm_ref.loader import load_tokenizer
-from triton_models.lib.detokenize import IncrementalDetokenizer
-from triton_models.lib.triton_io import bytes_tensor, error_response, params_of, scalar_input, string_input
+from triton_models.lib.bls import StreamedTokens, call, forward, prompt_table_inputs, rename
+from triton_models.lib.chat import ChatTemplates
+from triton_models.lib.pipeline import AnswerText, Piece, run_answer
+from triton_models.lib.triton_io import (bytes_tensor, check_config, error_response, params_of, scalar_input,
+                                         string_input, use_utf8_locale)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# client input -> (model, its input name) for the inputs forwarded unchanged
+# client input -> the model's input name, for the inputs forwarded unchanged
 PREPROCESS_INPUTS = {"text_input": "QUERY", "image_input": "IMAGE", "image_sizes": "IMAGE_SIZES",
                      "history": "HISTORY", "conv_mode": "CONV_MODE", "max_tokens": "REQUEST_OUTPUT_LEN"}
 LLM_INPUTS = {"max_tokens": "request_output_len", "temperature": "temperature", "top_p": "runtime_top_p",
               "top_k": "runtime_top_k", "seed": "seed"}
+PRE_TO_LLM = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "END_ID": "end_id",
+              "STOP_WORDS_IDS": "stop_words_list"}
+PRE_TO_VISION = {"IMAGES": "IMAGES", "IMAGES_AUX": "IMAGES_AUX"}
+VISION_OUTPUTS = ["OUT_PROMPT_EMBEDDING_TABLE", "OUT_PROMPT_VOCAB_SIZE"]
+# the tensorrtllm backend fails a response unless both of these outputs are requested
+LLM_OUTPUTS = ["output_ids", "sequence_length"]
+# Each open stream parks one thread in the blocking response iterator; asyncio's default executor has
+# only cpu_count + 4 threads, so it would cap (and stall) concurrent streams.
+STREAM_WAITERS = 256
 
 
-def forward(request, mapping):
-    tensors = []
-    for client_name, model_name in mapping.items():
-        t = pb_utils.get_input_tensor_by_name(request, client_name)
-        if t is not None:
-            tensors.append(pb_utils.Tensor(model_name, t.as_numpy()))
-    return tensors
+class Stages:
+    """pipeline.Stages over BLS calls to the repository's models."""
 
+    def __init__(self, request, waiters: ThreadPoolExecutor):
+        self.request, self.waiters = request, waiters
 
-def rename(response, mapping):
-    return [pb_utils.Tensor(new, pb_utils.get_output_tensor_by_name(response, old).as_numpy())
-            for old, new in mapping.items()]
+    async def preprocess(self):
+        return await call("preprocessing", forward(self.request, PREPROCESS_INPUTS), [*PRE_TO_LLM, *PRE_TO_VISION])
 
+    async def encode(self, pre):
+        return await call("vision_encoder", rename(pre, PRE_TO_VISION), VISION_OUTPUTS)
 
-def prompt_table_inputs(vis):
-    """The image rows for tensorrt_llm, or nothing for a text-only request (no 0-row table).
-    DLPack carries the table in whatever dtype it has: a bf16 table has no numpy form."""
-    rows = int(pb_utils.get_output_tensor_by_name(vis, "OUT_PROMPT_VOCAB_SIZE").as_numpy().reshape(-1)[0])
-    if rows == 0:
-        return []
-    table = pb_utils.get_output_tensor_by_name(vis, "OUT_PROMPT_EMBEDDING_TABLE")
-    return [pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.to_dlpack()),
-            pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], np.int32))]
-
-
-async def call(model, inputs, outputs):
-    response = await pb_utils.InferenceRequest(model_name=model, inputs=inputs,
-                                               requested_output_names=outputs).async_exec()
-    if response.has_error():
-        raise RuntimeError(response.error().message())
-    return response
+    async def generate(self, pre, vis):
+        inputs = forward(self.request, LLM_INPUTS) + rename(pre, PRE_TO_LLM) + prompt_table_inputs(vis)
+        inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
+        request_id = f"mgm_bls-{uuid.uuid4().hex}"  # names the generation for a `stop` request
+        responses = await pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=request_id,
+                                                    requested_output_names=LLM_OUTPUTS).async_exec(decoupled=True)
+        return StreamedTokens(responses, self.waiters, "tensorrt_llm", request_id, LLM_OUTPUTS)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = params_of(json.loads(args["model_config"]))
+        use_utf8_locale()
+        config = json.loads(args["model_config"])
+        check_config(config, decoupled=True, inputs={"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32"},
+                     outputs={"text_output": "TYPE_STRING", "output_token_count": "TYPE_INT32",
+                              "time_to_first_token_ms": "TYPE_FP32"})
+        params = params_of(config)
         self.tokenizer = load_tokenizer(params["model_dir"])
-        self.default_conv_mode = default_conv_mode(MGMConfig.from_model_dir(params["model_dir"]).family,
-                                                   self.tokenizer)
-        # Each open stream parks one thread in the blocking response iterator; asyncio's default
-        # executor has only cpu_count + 4 threads, so it would cap (and stall) concurrent streams.
-        self.waiters = ThreadPoolExecutor(max_workers=256, thread_name_prefix="mgm_bls_stream")
+        self.templates = ChatTemplates(params["model_dir"], self.tokenizer)
+        self.waiters = ThreadPoolExecutor(max_workers=STREAM_WAITERS, thread_name_prefix="mgm_bls_stream")
 
     async def execute(self, requests):
         await asyncio.gather(*(self.serve(r) for r in requests))
@@ -75,64 +76,27 @@ class TritonPythonModel:
 
     async def serve(self, request):
         sender = request.get_response_sender()
+
+        def send(piece: Piece):
+            if piece.final:
+                sender.send(self.response(piece), flags=FINAL)
+            elif not request.is_cancelled():
+                sender.send(self.response(piece))
+
         try:
-            await self.generate(request, sender)
+            text = AnswerText(self.tokenizer, self.templates.stop_strings(string_input(request, "conv_mode")),
+                              stream=bool(scalar_input(request, "stream", False)))
+            await run_answer(Stages(request, self.waiters), text, send, request.is_cancelled)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the server keeps serving
             sender.send(error_response(e), flags=FINAL)
 
-    async def generate(self, request, sender):
-        start = time.perf_counter()
-        stream = bool(scalar_input(request, "stream", False))
-        conv_mode = string_input(request, "conv_mode") or self.default_conv_mode
-        pre = await call("preprocessing", forward(request, PREPROCESS_INPUTS),
-                         ["INPUT_ID", "REQUEST_INPUT_LEN", "IMAGES", "IMAGES_AUX", "END_ID", "STOP_WORDS_IDS"])
-        vis = await call("vision_encoder", rename(pre, {"IMAGES": "IMAGES", "IMAGES_AUX": "IMAGES_AUX"}),
-                         ["OUT_PROMPT_EMBEDDING_TABLE", "OUT_PROMPT_VOCAB_SIZE"])
-        llm_inputs = forward(request, LLM_INPUTS) + rename(pre, {
-            "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "END_ID": "end_id",
-            "STOP_WORDS_IDS": "stop_words_list"}) + prompt_table_inputs(vis)
-        llm_inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
-        responses = await pb_utils.InferenceRequest(
-            # the tensorrtllm backend fails a response unless both of these outputs are requested
-            model_name="tensorrt_llm", inputs=llm_inputs, requested_output_names=["output_ids", "sequence_length"]
-        ).async_exec(decoupled=True)
-
-        detok = IncrementalDetokenizer(self.tokenizer, get_template(conv_mode).stop_strings)
-        loop = asyncio.get_running_loop()
-        ttft, n_tokens, sent_any = None, 0, False
-        while True:
-            response = await loop.run_in_executor(self.waiters, next, responses, None)  # the iterator blocks
-            if response is None:
-                break
-            if response.has_error():
-                raise RuntimeError(response.error().message())
-            tokens = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            if tokens is None:  # the empty FINAL response
-                continue
-            ids = tokens.as_numpy().reshape(-1).tolist()
-            if ids and ttft is None:
-                ttft = (time.perf_counter() - start) * 1000
-            n_tokens += len(ids)
-            delta = detok.push(ids)
-            if stream and delta and not request.is_cancelled():
-                if not sent_any:
-                    delta = delta.lstrip()
-                if delta:
-                    sender.send(self.response(delta, n_tokens, ttft))
-                    sent_any = True
-            if detok.stopped:
-                break
-        rest = detok.finish()
-        if stream:  # the last piece; the answer's leading spaces were dropped from the first piece
-            text = rest if sent_any else rest.lstrip()
-        else:
-            text = detok.emitted.strip()
-        sender.send(self.response(text, n_tokens, ttft), flags=FINAL)
-
     @staticmethod
-    def response(text, n_tokens, ttft):
+    def response(piece: Piece):
         return pb_utils.InferenceResponse([
-            bytes_tensor("text_output", [text]),
-            pb_utils.Tensor("output_token_count", np.array([[n_tokens]], np.int32)),
-            pb_utils.Tensor("time_to_first_token_ms", np.array([[ttft or 0.0]], np.float32)),
+            bytes_tensor("text_output", [piece.text]),
+            pb_utils.Tensor("output_token_count", np.array([[piece.tokens]], np.int32)),
+            pb_utils.Tensor("time_to_first_token_ms", np.array([[piece.ttft_ms]], np.float32)),
         ])
+
+    def finalize(self):
+        self.waiters.shutdown(wait=False, cancel_futures=True)

@@ -6,16 +6,26 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_models.lib.preprocess import Preprocessor, parse_history, split_images
-from triton_models.lib.triton_io import error_response, optional_input, params_of, string_input
+from triton_models.lib.triton_io import (check_config, error_response, optional_input, params_of, string_input,
+                                         use_utf8_locale)
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = params_of(json.loads(args["model_config"]))
+        use_utf8_locale()
+        config = json.loads(args["model_config"])
+        params = params_of(config)
         self.max_seq_len = int(params["max_seq_len"])
         self.preprocessor = Preprocessor(params["model_dir"], int(params["max_input_len"]),
                                          int(params["max_images_per_request"]),
                                          vocab_offset=int(params["vocab_offset"]))
+        aux = self.preprocessor.config.image_size_aux
+        check_config(config, decoupled=False,
+                     inputs={"QUERY": "TYPE_STRING", "IMAGE": "TYPE_UINT8", "IMAGE_SIZES": "TYPE_INT32",
+                             "HISTORY": "TYPE_STRING", "CONV_MODE": "TYPE_STRING", "REQUEST_OUTPUT_LEN": "TYPE_INT32"},
+                     outputs={"INPUT_ID": "TYPE_INT32", "REQUEST_INPUT_LEN": "TYPE_INT32", "IMAGES": "TYPE_FP32",
+                              "IMAGES_AUX": "TYPE_FP32", "END_ID": "TYPE_INT32", "STOP_WORDS_IDS": "TYPE_INT32"},
+                     dims={"IMAGES": [-1, *self.preprocessor.lr_view_shape], "IMAGES_AUX": [-1, 3, aux, aux]})
 
     def execute(self, requests):
         return [self.handle(request) for request in requests]

@@ -1,43 +1,99 @@
-"""CPU stand-in for TensorRT-LLM's inflight batcher: Triton glue around triton_models.lib.llm_engine.
+"""CPU stand-in for TensorRT-LLM's inflight batcher: Triton glue around the CPU LLM engine.
 
-execute() only validates and submits; the engine thread steps every active request together and a
-small drain thread per request forwards its tokens (streaming) or the whole answer (not streaming).
+`async def execute` runs on the python backend's one event loop: each request parses its inputs,
+submits to the engine with a callback that only hands tokens over to the loop, and sends its responses
+from the loop. So every python-backend call of this model happens on one thread; the engine thread
+never touches pb_utils (concurrent senders crashed the stub).
 """
 
+import asyncio
 import json
-import threading
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from mgm_ref.loader import load_llm
-from triton_models.lib.llm_engine import GenerationRequest, LLMEngine
+from triton_models.lib import attention
+from triton_models.lib.engine import GenerationRequest, LLMEngine
 from triton_models.lib.preprocess import single_token_stops
-from triton_models.lib.triton_io import error_response, optional_input, params_of, scalar_input
+from triton_models.lib.triton_io import (check_config, error_response, optional_input, params_of, scalar_input,
+                                         use_utf8_locale)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.2  # how often a request that is waiting for tokens checks whether its client left
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = params_of(json.loads(args["model_config"]))
+        use_utf8_locale()
+        config = json.loads(args["model_config"])
+        check_config(config, decoupled=True,
+                     inputs={"input_ids": "TYPE_INT32", "request_output_len": "TYPE_INT32", "end_id": "TYPE_INT32",
+                             "stop_words_list": "TYPE_INT32", "streaming": "TYPE_BOOL"},
+                     outputs={"output_ids": "TYPE_INT32", "sequence_length": "TYPE_INT32"})
+        params = params_of(config)
         torch.set_num_threads(int(params.get("threads") or 1))
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
+        attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
         self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]))
-        self.vocab_size = llm.config.vocab_size
+        self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
-    def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                gen, streaming = self.parse(request)
-                handle = self.engine.submit(gen)
-            except Exception as e:  # noqa: BLE001 - a bad request fails alone
-                sender.send(error_response(e), flags=FINAL)
-                continue
-            threading.Thread(target=self.drain, args=(request, sender, handle, streaming), daemon=True).start()
+    async def execute(self, requests):
+        await asyncio.gather(*(self.serve(r) for r in requests))
         return None
+
+    async def serve(self, request):
+        sender = request.get_response_sender()
+        if scalar_input(request, "stop", False):
+            self.stop(request.request_id())
+            sender.send(None, flags=FINAL)
+            return
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        try:
+            gen, streaming = self.parse(request)
+            # runs in the engine thread: only wake this coroutine, never call the python backend there
+            handle = self.engine.submit(gen, callback=lambda *_: loop.call_soon_threadsafe(woken.set))
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            sender.send(error_response(e), flags=FINAL)
+            return
+        key = request.request_id()
+        if key:
+            self.running[key] = handle
+        try:
+            await self.stream(request, sender, handle, streaming, woken)
+        finally:
+            if self.running.get(key) is handle:
+                del self.running[key]
+
+    def stop(self, request_id: str) -> None:
+        """Cancel the running request with this id (TensorRT-LLM's `stop` input); unknown ids are
+        finished already."""
+        handle = self.running.get(request_id) if request_id else None
+        if handle is not None:
+            handle.cancel()
+
+    async def stream(self, request, sender, handle, streaming, woken):
+        tokens, finished = [], False
+        while not finished:
+            try:
+                await asyncio.wait_for(woken.wait(), CANCEL_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+            woken.clear()
+            if request.is_cancelled():
+                handle.cancel()
+            try:
+                new, finished = handle.poll()
+            except Exception as e:  # noqa: BLE001 - the engine failed this request
+                sender.send(error_response(e), flags=FINAL)
+                return
+            tokens.extend(new)
+            if streaming:
+                for token in new:
+                    sender.send(self.response([token]))
+        sender.send(None if streaming else self.response(tokens), flags=FINAL)
 
     def parse(self, request):
         ids = optional_input(request, "input_ids").reshape(-1).astype(np.int64).tolist()
@@ -64,20 +120,6 @@ class TritonPythonModel:
             pb_utils.Tensor("output_ids", np.array([[tokens]], np.int32).reshape(1, 1, -1)),
             pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], np.int32)),
         ])
-
-    def drain(self, request, sender, handle, streaming):
-        tokens = []
-        try:
-            for token in handle:
-                if request.is_cancelled():
-                    handle.cancel()
-                    break
-                tokens.append(token)
-                if streaming:
-                    sender.send(self.response([token]))
-            sender.send(None if streaming else self.response(tokens), flags=FINAL)
-        except Exception as e:  # noqa: BLE001
-            sender.send(error_response(e), flags=FINAL)
 
     def finalize(self):
         self.engine.shutdown()

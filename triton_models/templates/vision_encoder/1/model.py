@@ -5,18 +5,23 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_models.lib.triton_io import error_response, optional_input, params_of
+from triton_models.lib.triton_io import check_config, error_response, optional_input, params_of, use_utf8_locale
 from triton_models.lib.vision_runner import VisionRunner
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = params_of(json.loads(args["model_config"]))
+        use_utf8_locale()
+        config = json.loads(args["model_config"])
+        params = params_of(config)
         threads = int(params.get("threads") or 0) or None
-        self.runner = VisionRunner(params["vision_dir"], threads)
+        self.runner = VisionRunner.from_dir(params["vision_dir"], threads)
+        check_config(config, decoupled=False, inputs={"IMAGES": "TYPE_FP32", "IMAGES_AUX": "TYPE_FP32"},
+                     outputs={"OUT_PROMPT_VOCAB_SIZE": "TYPE_INT32"},
+                     dims={"OUT_PROMPT_EMBEDDING_TABLE": [-1, self.runner.hidden_size]})
         # The table goes to the LLM in the engine's dtype (TensorRT-LLM rejects any other): fp32 on the
         # CPU path, fp16 or bf16 for TensorRT-LLM. numpy has no bf16, so that one leaves through DLPack.
-        out = pb_utils.get_output_config_by_name(json.loads(args["model_config"]), "OUT_PROMPT_EMBEDDING_TABLE")
+        out = pb_utils.get_output_config_by_name(config, "OUT_PROMPT_EMBEDDING_TABLE")
         self.table_type = out["data_type"]
         self.table_dtype = None if self.table_type == "TYPE_BF16" else pb_utils.triton_string_to_numpy(self.table_type)
 

@@ -1,0 +1,99 @@
+"""The tritonserver command line: one process per MPI rank, ports, shm labels, worker models."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from triton_models.launcher.errors import ServerError
+from triton_models.launcher.install import ServerInstall
+
+# Models that every MPI rank loads; everything else runs on rank 0 only (tensorrtllm_backend).
+DEFAULT_WORKER_MODELS = ("tensorrt_llm",)
+# Per python-model instance; large tensors (image embeddings) grow it in steps of this size.
+DEFAULT_SHM_BYTES = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class ServerOptions:
+    """What a tritonserver process is started with (the same for every MPI rank unless noted)."""
+
+    model_repo: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"  # tritonserver binds 0.0.0.0 unless told otherwise
+    log_verbose: int = 0
+    shm_default_byte_size: int = DEFAULT_SHM_BYTES
+    exit_timeout_s: int = 15  # Triton's default 30 s is mostly spent waiting on stuck streams
+    shm_prefix: str = ""  # python backend shm region label; "" = launcher pid + http port
+    worker_models: tuple[str, ...] = DEFAULT_WORKER_MODELS
+    extra_args: tuple[str, ...] = ()
+
+
+def _shm_prefix(options: ServerOptions, rank: int) -> str:
+    # Triton 2.51 appends a UUID to each stub's region name, so this only labels /dev/shm
+    # entries by launcher, port and rank; upstream gives each MPI rank `prefix{rank}_`.
+    base = options.shm_prefix or f"mgm{os.getpid()}p{options.http_port}"
+    return f"{base}prefix{rank}_"
+
+
+def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int = 0) -> list[str]:
+    """Arguments for one tritonserver process (rank 0 serves; other ranks only run the LLM)."""
+    args = [
+        str(install.binary),
+        f"--model-repository={options.model_repo}",
+        f"--http-address={options.host}",
+        f"--grpc-address={options.host}",
+        f"--metrics-address={options.host}",
+        f"--http-port={options.http_port}",
+        f"--grpc-port={options.grpc_port}",
+        f"--metrics-port={options.metrics_port}",
+        "--disable-auto-complete-config",
+        f"--exit-timeout-secs={options.exit_timeout_s}",
+        f"--backend-config=python,shm-default-byte-size={options.shm_default_byte_size}",
+        f"--backend-config=python,shm-region-prefix-name={_shm_prefix(options, rank)}",
+    ]
+    if install.backend_dir is not None:
+        args.append(f"--backend-directory={install.backend_dir}")
+    if install.cache_dir is not None:
+        args.append(f"--cache-directory={install.cache_dir}")
+    if rank == 0 and options.log_verbose:
+        args.append(f"--log-verbose={options.log_verbose}")
+    if rank != 0:
+        # Worker ranks load only the LLM (python models run on rank 0) and serve no endpoints:
+        # upstream gives them rank 0's ports and relies on them never finishing start-up.
+        args.append("--model-control-mode=explicit")
+        args.extend(f"--load-model={name}" for name in options.worker_models)
+        args += ["--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"]
+    args.extend(options.extra_args)
+    return args
+
+
+def mpirun_command(install: ServerInstall, options: ServerOptions, world_size: int,
+                   mpirun: str = "mpirun") -> list[str]:
+    """`mpirun --allow-run-as-root -n 1 tritonserver ... : -n 1 tritonserver ...` (one per rank)."""
+    cmd = [mpirun, "--allow-run-as-root"]
+    for rank in range(world_size):
+        if rank:
+            cmd.append(":")
+        cmd += ["-n", "1", *tritonserver_args(install, options, rank)]
+    return cmd
+
+
+def server_command(install: ServerInstall, options: ServerOptions,
+                   world_size: int = 1) -> list[str]:
+    """The full command line; world_size > 1 needs Open MPI's `mpirun` on PATH."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size == 1:
+        return tritonserver_args(install, options)
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise ServerError(
+            f"--world_size {world_size} launches one tritonserver per rank with `mpirun`, which is "
+            "not on PATH: run inside the NGC tritonserver trtllm image or install Open MPI"
+        )
+    return mpirun_command(install, options, world_size, mpirun)
