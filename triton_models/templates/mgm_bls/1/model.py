@@ -19,9 +19,12 @@ from triton_models.lib.detokenize import IncrementalDetokenizer
 from triton_models.lib.triton_io import bytes_tensor, error_response, params_of, scalar_input, string_input
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# A variant added with `mgm-build repo --name X` is deployed as X_mgm_bls beside X_preprocessing etc.
+PREFIX = ""
 # client input -> (model, its input name) for the inputs forwarded unchanged
 PREPROCESS_INPUTS = {"text_input": "QUERY", "image_input": "IMAGE", "image_sizes": "IMAGE_SIZES",
-                     "history": "HISTORY", "conv_mode": "CONV_MODE", "max_tokens": "REQUEST_OUTPUT_LEN"}
+                     "history": "HISTORY", "conv_mode": "CONV_MODE", "system_prompt": "SYSTEM_PROMPT",
+                     "max_tokens": "REQUEST_OUTPUT_LEN"}
 LLM_INPUTS = {"max_tokens": "request_output_len", "temperature": "temperature", "top_p": "runtime_top_p",
               "top_k": "runtime_top_k", "seed": "random_seed"}
 
@@ -41,7 +44,8 @@ def rename(response, mapping):
 
 
 async def call(model, inputs, outputs):
-    response = await pb_utils.InferenceRequest(model_name=model, inputs=inputs,
+    # `model` is a bare name; TritonPythonModel.initialize sets the variant's prefix
+    response = await pb_utils.InferenceRequest(model_name=PREFIX + model, inputs=inputs,
                                                requested_output_names=outputs).async_exec()
     if response.has_error():
         raise RuntimeError(response.error().message())
@@ -50,6 +54,8 @@ async def call(model, inputs, outputs):
 
 class TritonPythonModel:
     def initialize(self, args):
+        global PREFIX
+        PREFIX = args["model_name"].removesuffix("mgm_bls")
         params = params_of(json.loads(args["model_config"]))
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.default_conv_mode = default_conv_mode(MGMConfig.from_model_dir(params["model_dir"]).family,
@@ -83,12 +89,13 @@ class TritonPythonModel:
             "OUT_PROMPT_EMBEDDING_TABLE": "prompt_embedding_table", "OUT_PROMPT_VOCAB_SIZE": "prompt_vocab_size"})
         llm_inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         responses = await pb_utils.InferenceRequest(
-            model_name="tensorrt_llm", inputs=llm_inputs, requested_output_names=["output_ids"]
+            model_name=PREFIX + "tensorrt_llm", inputs=llm_inputs, requested_output_names=["output_ids"]
         ).async_exec(decoupled=True)
 
         detok = IncrementalDetokenizer(self.tokenizer, get_template(conv_mode).stop_strings)
         loop = asyncio.get_running_loop()
         ttft, n_tokens, sent_any = None, 0, False
+        n_prompt = int(pb_utils.get_output_tensor_by_name(pre, "REQUEST_INPUT_LEN").as_numpy().reshape(-1)[0])
         while True:
             response = await loop.run_in_executor(self.waiters, next, responses, None)  # the iterator blocks
             if response is None:
@@ -107,7 +114,7 @@ class TritonPythonModel:
                 if not sent_any:
                     delta = delta.lstrip()
                 if delta:
-                    sender.send(self.response(delta, n_tokens, ttft))
+                    sender.send(self.response(delta, n_tokens, ttft, n_prompt))
                     sent_any = True
             if detok.stopped:
                 break
@@ -116,12 +123,13 @@ class TritonPythonModel:
             text = rest if sent_any else rest.lstrip()
         else:
             text = detok.emitted.strip()
-        sender.send(self.response(text, n_tokens, ttft), flags=FINAL)
+        sender.send(self.response(text, n_tokens, ttft, n_prompt), flags=FINAL)
 
     @staticmethod
-    def response(text, n_tokens, ttft):
+    def response(text, n_tokens, ttft, n_prompt):
         return pb_utils.InferenceResponse([
             bytes_tensor("text_output", [text]),
             pb_utils.Tensor("output_token_count", np.array([[n_tokens]], np.int32)),
             pb_utils.Tensor("time_to_first_token_ms", np.array([[ttft or 0.0]], np.float32)),
+            pb_utils.Tensor("prompt_token_count", np.array([[n_prompt]], np.int32)),
         ])
