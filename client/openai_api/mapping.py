@@ -105,9 +105,9 @@ async def to_mgm(req: ChatCompletionRequest, media: MediaPolicy, max_images: int
     if not turns or turns[-1][1].role != "user":
         raise bad_request("the last message must be from the user", "messages")
     for k, (i, m) in enumerate(turns):
-        expected = "user" if k % 2 == 0 else "assistant"
-        if m.role != expected:
-            raise bad_request(f"messages[{i}]: expected a {expected} message (user and assistant turns "
+        expected = "a user" if k % 2 == 0 else "an assistant"
+        if m.role != expected.split()[1]:
+            raise bad_request(f"messages[{i}]: expected {expected} message (user and assistant turns "
                               "alternate, starting with the user)", f"messages[{i}].role")
     texts, urls = [], []
     for k, (i, m) in enumerate(turns):
