@@ -327,3 +327,71 @@ def test_not_ready_triton_is_503(tmp_path):
 
 def test_print_transcripts():
     print("\n\nopenai-client transcripts:\n" + "\n".join(TRANSCRIPTS))
+
+
+def build_variant(ckpt, work: Path, repo: Path, name: str, cli: bool = False):
+    """Vision engine + `mgm-build repo --name` into a shared repository; the checkpoint's mgm_ref model."""
+    from build_engines.vision import build_vision
+    from mgm_ref.loader import load_model
+    from triton_models.repo_builder import build_repo
+    ref = load_model(ckpt)
+    engines = work / name
+    build_vision(ref.vision, ref.config, engines / "vision", dtype="float32", backend="onnxruntime",
+                 max_batch_size=4, verify=False, log=lambda m: None)
+    if cli:
+        subprocess.run([sys.executable, "-m", "build_engines.cli", "repo", "--model_dir", str(ckpt), "--engine_dir",
+                        str(engines), "--output_dir", str(repo), "--backend", "cpu", "--name", name], check=True)
+    else:
+        build_repo(ckpt, engines, repo, backend="cpu", max_batch_size=8, name=name)
+    return ref
+
+
+def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, tmp_path):
+    repo = tmp_path / "repo"
+    refs = {"llama-a": build_variant(tiny_checkpoints("llama"), tmp_path, repo, "llama-a", cli=True),
+            "gemma-b": build_variant(tiny_checkpoints("gemma"), tmp_path, repo, "gemma-b")}
+    build_variant(tiny_checkpoints("llama"), tmp_path, repo, "broken")
+    config = repo / "broken_vision_encoder" / "config.pbtxt"  # this variant's vision engine is missing
+    config.write_text(config.read_text().replace(str(tmp_path / "broken" / "vision"), str(tmp_path / "nowhere")))
+    ports = [free_port() for _ in range(4)]
+    log = open(tmp_path / "mgm-serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "triton_models.server", "--model_repo", str(repo),
+                             "--http_port", str(ports[0]), "--grpc_port", str(ports[1]), "--metrics_port",
+                             str(ports[2]), "--openai_port", str(ports[3])], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{ports[3]}"
+    try:
+        r = wait_http(f"{url}/health", proc, timeout=600, want=lambda r: "llama-a" in r.text and "gemma-b" in r.text
+                      and "loading" not in r.text and r.json()["models"].get("gemma-b") == "ready"
+                      and r.json()["models"].get("llama-a") == "ready")
+        health = r.json()
+        assert r.status_code == 503 and health["status"] == "unavailable"  # one variant is broken
+        assert "broken_vision_encoder is unavailable" in health["models"]["broken"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert sorted(m.id for m in client.models.list()) == ["gemma-b", "llama-a"]
+        messages = [{"role": "user", "content": [image_part(), {"type": "text", "text": QUESTION}]}]
+        answers = {}
+        for name, ref in refs.items():
+            text, n, n_prompt = reference(ref, QUESTION, [IMAGE])
+            r = client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+            record(f"model={name}: user [image, {QUESTION!r}]", r.choices[0].message.content)
+            assert (r.choices[0].message.content, r.usage.completion_tokens, r.usage.prompt_tokens) == (text, n, n_prompt)
+            assert r.model == name
+            answers[name] = text
+        assert answers["llama-a"] != answers["gemma-b"]  # the routing is visible
+        with pytest.raises(openai.InternalServerError) as e:  # 503: that variant did not load
+            client.chat.completions.create(model="broken", messages=messages, max_tokens=2)
+        assert e.value.status_code == 503
+        with pytest.raises(openai.BadRequestError, match="no system prompt"):  # gemma's template has none
+            client.chat.completions.create(model="gemma-b", max_tokens=2, messages=[
+                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}])
+        cli = subprocess.run([sys.executable, "-m", "client.cli", "--url", f"127.0.0.1:{ports[1]}", "--model_name",
+                              "gemma-b", "--prompt", "Say something.", "--max_tokens", str(MAX_TOKENS),
+                              "--temperature", "0", "--stream"], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.strip() == reference(refs["gemma-b"], "Say something.")[0]
+    finally:
+        proc.terminate()  # mgm-serve stops tritonserver, then the OpenAI server beside it
+        assert proc.wait(timeout=60) is not None
+        log.close()
+    from triton_models.server import port_is_free
+    assert all(port_is_free(p) for p in ports), (tmp_path / "mgm-serve.log").read_text()[-3000:]
