@@ -395,3 +395,15 @@ def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, 
         log.close()
     from triton_models.server import port_is_free
     assert all(port_is_free(p) for p in ports), (tmp_path / "mgm-serve.log").read_text()[-3000:]
+
+
+def test_bench_openai_mode_measures_both_paths(api, llama):
+    import asyncio
+
+    from client.openai_api.bench import run, table
+    results = asyncio.run(run(llama.server.grpc_url, api.url, "mgm", [1, 2], requests=2, max_tokens=4, warmup=1))
+    for c in (1, 2):
+        for path in ("grpc", "openai"):
+            s = results[c][path]
+            assert s["requests"] == 2 and s["ttft_p50_ms"] > 0 and s["output_tok_s"] > 0 and s["tokens_mean"] == 4
+    assert "| 2 | openai |" in table(results, (0.0, 0.0, 0.0))
