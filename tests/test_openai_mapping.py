@@ -129,7 +129,7 @@ def test_named_variant_prefixes_models_and_keeps_the_others(tmp_path):
             (out / name / "1").mkdir(parents=True)
             step = '  step [\n    {\n      model_name: "preprocessing"\n' if name == "ensemble" else ""
             (out / name / "config.pbtxt").write_text(
-                f'name: "{name}"\ninput [\n  {{ name: "text_input", data_type: TYPE_STRING }}\n]\n{step}')
+                f'name: "{name}"\ninput [\n  {{\n    name: "text_input"\n  }}\n]\n{step}')
         return out
 
     repo = tmp_path / "repo"
@@ -140,7 +140,7 @@ def test_named_variant_prefixes_models_and_keeps_the_others(tmp_path):
         f"{v}_{m}" for v in ("mgm-7b", "mgm-hd") for m in ("preprocessing", "ensemble", "mgm_bls"))
     text = (repo / "mgm-hd_ensemble" / "config.pbtxt").read_text()
     assert 'name: "mgm-hd_ensemble"' in text and 'model_name: "mgm-hd_preprocessing"' in text
-    assert '{ name: "text_input"' in text  # tensor names stay
+    assert '    name: "text_input"' in text  # tensor names stay
     assert variant_names(repo) == ["mgm-7b", "mgm-hd"]
     with pytest.raises(MGMError):
         add_named_variant(build, repo, "bad_name")

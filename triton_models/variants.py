@@ -19,8 +19,9 @@ from pathlib import Path
 from mgm_ref.errors import MGMError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
-# Lines of config.pbtxt that name a model: its own `name:` and an ensemble step's `model_name:`.
-_MODEL_REFS = re.compile(r'^(\s*(?:name|model_name):\s*")([^"]+)(")', re.MULTILINE)
+# Lines of config.pbtxt that name a model: its own top-level `name:` (unindented, unlike tensor
+# names in input/output blocks) and an ensemble step's `model_name:`.
+_MODEL_REFS = re.compile(r'^(name:\s*"|\s*model_name:\s*")([^"]+)(")', re.MULTILINE)
 BLS = "mgm_bls"
 
 
