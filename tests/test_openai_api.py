@@ -384,6 +384,10 @@ def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, 
         with pytest.raises(openai.BadRequestError, match="no system prompt"):  # gemma's template has none
             client.chat.completions.create(model="gemma-b", max_tokens=2, messages=[
                 {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}])
+        from client.mgm_client import MGMClient  # a variant's BLS streams from the Triton client too
+        streamed = MGMClient(f"127.0.0.1:{ports[1]}", model="llama-a_mgm_bls").stream_answer(
+            QUESTION, [IMAGE], max_tokens=MAX_TOKENS, temperature=0.0)
+        assert streamed.text.strip() == answers["llama-a"] and len(streamed.chunks) > 1
         cli = subprocess.run([sys.executable, "-m", "client.cli", "--url", f"127.0.0.1:{ports[1]}", "--model_name",
                               "gemma-b", "--prompt", "Say something.", "--max_tokens", str(MAX_TOKENS),
                               "--temperature", "0", "--stream"], capture_output=True, text=True, timeout=120)
