@@ -412,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "vision":
         return run_vision(argv[1:])
+    if argv and argv[0] == "openai":  # the OpenAI endpoint vs direct gRPC (client/openai_api/bench.py)
+        return __import__("client.openai_api.bench", fromlist=["main"]).main(argv[1:])
     parser = argparse.ArgumentParser(prog="mgm-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -62,6 +62,8 @@ def add_client_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     g.add_argument("--model", choices=("mgm_bls", "ensemble"), default="mgm_bls",
                    help="mgm_bls streams token by token; ensemble sends the answer in one piece")
+    g.add_argument("--model_name", default=None,
+                   help="variant added with `mgm-build repo --name NAME` (its models are NAME_mgm_bls, ...)")
     g.add_argument("--ready_timeout", type=float, default=10.0, help="seconds to wait for the model to be ready")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     g = p.add_argument_group("request")
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace, client_factory=MGMClient) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ClientError("--prompt is empty")
     images = load_images(args.image)
-    client = client_factory(args.url or DEFAULT_URLS[args.protocol], protocol=args.protocol, model=args.model,
+    client = client_factory(args.url or DEFAULT_URLS[args.protocol], protocol=args.protocol,
+                            model=f"{args.model_name}_{args.model}" if args.model_name else args.model,
                             timeout_s=args.timeout)
     client.wait_ready(args.ready_timeout)
     chat = Chat(client, images, args, _write)

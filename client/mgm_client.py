@@ -133,7 +133,7 @@ class MGMClient:
 
     def _iter(self, spec: RequestSpec, stream: bool, answer_box: list) -> Iterator[str]:
         tensors = spec.tensors()
-        if self.model == "mgm_bls":
+        if self.model.endswith("mgm_bls"):  # also a named variant's NAME_mgm_bls
             tensors["stream"] = np.array([stream])
         start = time.perf_counter()
         answer = Answer(text="")

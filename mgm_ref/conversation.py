@@ -136,9 +136,16 @@ def image_placeholders(question: str, n_images: int) -> str:
 
 
 def build_prompt(conv_mode: str, question: str, n_images: int = 1,
-                 history: list[tuple[str, str]] | None = None) -> str:
-    """Full prompt for `question`, after earlier (user, assistant) turns; images go with the first turn."""
+                 history: list[tuple[str, str]] | None = None, system: str | None = None) -> str:
+    """Full prompt for `question`, after earlier (user, assistant) turns; images go with the first turn.
+
+    `system` replaces the template's system prompt; templates without one refuse it.
+    """
     conv = get_template(conv_mode)
+    if system is not None:
+        if not conv.system:
+            raise MGMError(f"the {conv_mode} chat template has no system prompt to replace")
+        conv.system = system
     turns = list(history or []) + [(question, None)]
     for k, (user, answer) in enumerate(turns):
         conv.append(conv.roles[0], image_placeholders(user, n_images) if k == 0 else user)

@@ -181,4 +181,5 @@ def model_config(name: str, **values) -> dict:
 
 
 def args_for(config: dict) -> dict:
-    return {"model_config": json.dumps(config), "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+    return {"model_config": json.dumps(config), "model_name": config["name"], "model_instance_kind": "CPU",
+            "model_instance_device_id": "0"}

@@ -115,7 +115,12 @@ def template_values(model_dir: Path, engine_dir: Path, contract: LLMContract, vi
 
 def build_repo(model_dir, engine_dir, output_dir, backend: str = "cpu", max_batch_size: int | None = None,
                instances: int = 1, max_input_len: int | None = None, max_seq_len: int | None = None,
-               max_images_per_request: int | None = None) -> Path:
+               max_images_per_request: int | None = None, name: str | None = None) -> Path:
+    if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
+        from triton_models.variants import add_named_variant
+        return add_named_variant(lambda tmp: build_repo(model_dir, engine_dir, tmp, backend, max_batch_size, instances,
+                                                        max_input_len, max_seq_len, max_images_per_request),
+                                 Path(output_dir), name)
     if backend not in MODELS:
         raise ValueError(f"--backend must be one of {sorted(MODELS)}, got {backend!r}")
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
@@ -155,11 +160,14 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--max_seq_len", type=int, default=None, help="prompt + generated tokens")
     parser.add_argument("--max_images_per_request", type=int, default=None,
                         help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)")
+    parser.add_argument("--name", default=None, help="add this checkpoint to the repository as a variant of that "
+                        "name (models prefixed NAME_), keeping the other variants")
     return parser
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:
     out = build_repo(args.model_dir, args.engine_dir, args.output_dir, args.backend, args.max_batch_size,
-                     args.instances, args.max_input_len, args.max_seq_len, args.max_images_per_request)
+                     args.instances, args.max_input_len, args.max_seq_len, args.max_images_per_request,
+                     getattr(args, "name", None))
     print(f"wrote {args.backend} model repository to {out}")
     return out

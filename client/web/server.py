@@ -240,12 +240,14 @@ def main(argv=None) -> int:
                    help="host:port of the Triton server (default localhost:8001 for grpc, localhost:8000 for http)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--model", choices=("mgm_bls", "ensemble"), default="mgm_bls")
+    p.add_argument("--model_name", default=None, help="variant added with `mgm-build repo --name NAME`")
     p.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for generation (optional)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = p.parse_args(argv)
     url = args.triton_url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
-    demo = WebDemo(url, args.protocol, args.model, args.sd_model, args.timeout)
+    model = f"{args.model_name}_{args.model}" if args.model_name else args.model
+    demo = WebDemo(url, args.protocol, model, args.sd_model, args.timeout)
     try:
         server = make_server(demo, args.host, args.port, args.verbose)
     except OSError as e:

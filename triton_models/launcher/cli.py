@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from triton_models import variants
 from triton_models.launcher.errors import ServerError
 from triton_models.launcher.process import TritonServer
 
@@ -57,10 +58,11 @@ def _forward_signals(server: TritonServer) -> list[int]:
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgm-serve",
                                      description="Run Triton on a model repository.")
-    args = add_server_arguments(parser).parse_args(argv)
+    variants.add_openai_arguments(add_server_arguments(parser))
+    args = parser.parse_args(argv)
     server = TritonServer(args.model_repo, args.http_port, args.grpc_port, args.metrics_port,
                           host=args.host, world_size=args.world_size, log_verbose=args.log_verbose,
-                          echo=True)
+                          echo=True, extra_args=variants.tolerant_server_args(args.model_repo))
     received = _forward_signals(server)
     try:
         server.start(timeout=args.ready_timeout)
@@ -72,7 +74,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         return _exit_code(server.returncode) or 1
     print(f"mgm-serve: ready: HTTP {server.http_url}, gRPC {server.grpc_url}, "
           f"metrics {server.metrics_url}", file=sys.stderr, flush=True)
-    return _exit_code(server.wait())
+    with variants.openai_sidecar(args, server.grpc_url):
+        return _exit_code(server.wait())
 
 
 if __name__ == "__main__":

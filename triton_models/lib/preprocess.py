@@ -73,13 +73,13 @@ class Preprocessor:
         self.vocab_offset = vocab_offset or self.config.vocab_size
 
     def __call__(self, query: str, images: list[bytes], history: list[tuple[str, str]] | None = None,
-                 conv_mode: str | None = None) -> ModelInputs:
+                 conv_mode: str | None = None, system: str | None = None) -> ModelInputs:
         if not query or not query.strip():
             raise PromptError("the prompt is empty")
         if len(images) > self.max_images:
             raise PromptError(f"{len(images)} images given; this model takes at most {self.max_images} per request")
         conv_mode = self.templates.resolve(conv_mode)
-        prompt = build_prompt(conv_mode, query, len(images), history)
+        prompt = build_prompt(conv_mode, query, len(images), history, system)
         ids = tokenizer_image_token(prompt, self.tokenizer)
         n_tags = ids.count(IMAGE_TOKEN_INDEX)
         if n_tags != len(images):

@@ -23,7 +23,8 @@ from triton_models.lib.triton_io import (bytes_tensor, check_config, error_respo
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # client input -> the model's input name, for the inputs forwarded unchanged
 PREPROCESS_INPUTS = {"text_input": "QUERY", "image_input": "IMAGE", "image_sizes": "IMAGE_SIZES",
-                     "history": "HISTORY", "conv_mode": "CONV_MODE", "max_tokens": "REQUEST_OUTPUT_LEN"}
+                     "history": "HISTORY", "conv_mode": "CONV_MODE", "system_prompt": "SYSTEM_PROMPT",
+                     "max_tokens": "REQUEST_OUTPUT_LEN"}
 LLM_INPUTS = {"max_tokens": "request_output_len", "temperature": "temperature", "top_p": "runtime_top_p",
               "top_k": "runtime_top_k", "seed": "seed"}
 PRE_TO_LLM = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "END_ID": "end_id",
@@ -38,24 +39,33 @@ STREAM_WAITERS = 256
 
 
 class Stages:
-    """pipeline.Stages over BLS calls to the repository's models."""
+    """pipeline.Stages over BLS calls to the repository's models.
 
-    def __init__(self, request, waiters: ThreadPoolExecutor):
-        self.request, self.waiters = request, waiters
+    `prefix` names this variant's models: one added with `mgm-build repo --name X` is deployed as
+    X_mgm_bls beside X_preprocessing, X_vision_encoder and X_tensorrt_llm.
+    """
+
+    def __init__(self, request, waiters: ThreadPoolExecutor, prefix: str):
+        self.request, self.waiters, self.prefix = request, waiters, prefix
+        self.prompt_tokens = 0  # image rows included, as preprocessing counted them
 
     async def preprocess(self):
-        return await call("preprocessing", forward(self.request, PREPROCESS_INPUTS), [*PRE_TO_LLM, *PRE_TO_VISION])
+        pre = await call(self.prefix + "preprocessing", forward(self.request, PREPROCESS_INPUTS),
+                         [*PRE_TO_LLM, *PRE_TO_VISION])
+        self.prompt_tokens = int(pb_utils.get_output_tensor_by_name(pre, "REQUEST_INPUT_LEN").as_numpy().reshape(-1)[0])
+        return pre
 
     async def encode(self, pre):
-        return await call("vision_encoder", rename(pre, PRE_TO_VISION), VISION_OUTPUTS)
+        return await call(self.prefix + "vision_encoder", rename(pre, PRE_TO_VISION), VISION_OUTPUTS)
 
     async def generate(self, pre, vis):
         inputs = forward(self.request, LLM_INPUTS) + rename(pre, PRE_TO_LLM) + prompt_table_inputs(vis)
         inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         request_id = f"mgm_bls-{uuid.uuid4().hex}"  # names the generation for a `stop` request
-        responses = await pb_utils.InferenceRequest(model_name="tensorrt_llm", inputs=inputs, request_id=request_id,
+        llm = self.prefix + "tensorrt_llm"
+        responses = await pb_utils.InferenceRequest(model_name=llm, inputs=inputs, request_id=request_id,
                                                     requested_output_names=LLM_OUTPUTS).async_exec(decoupled=True)
-        return StreamedTokens(responses, self.waiters, "tensorrt_llm", request_id, LLM_OUTPUTS)
+        return StreamedTokens(responses, self.waiters, llm, request_id, LLM_OUTPUTS)
 
 
 class TritonPythonModel:
@@ -66,6 +76,7 @@ class TritonPythonModel:
                      outputs={"text_output": "TYPE_STRING", "output_token_count": "TYPE_INT32",
                               "time_to_first_token_ms": "TYPE_FP32"})
         params = params_of(config)
+        self.prefix = args["model_name"].removesuffix("mgm_bls")
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.templates = ChatTemplates(params["model_dir"], self.tokenizer)
         self.waiters = ThreadPoolExecutor(max_workers=STREAM_WAITERS, thread_name_prefix="mgm_bls_stream")
@@ -77,25 +88,28 @@ class TritonPythonModel:
     async def serve(self, request):
         sender = request.get_response_sender()
 
+        stages = Stages(request, self.waiters, self.prefix)
+
         def send(piece: Piece):
             if piece.final:
-                sender.send(self.response(piece), flags=FINAL)
+                sender.send(self.response(piece, stages.prompt_tokens), flags=FINAL)
             elif not request.is_cancelled():
-                sender.send(self.response(piece))
+                sender.send(self.response(piece, stages.prompt_tokens))
 
         try:
             text = AnswerText(self.tokenizer, self.templates.stop_strings(string_input(request, "conv_mode")),
                               stream=bool(scalar_input(request, "stream", False)))
-            await run_answer(Stages(request, self.waiters), text, send, request.is_cancelled)
+            await run_answer(stages, text, send, request.is_cancelled)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the server keeps serving
             sender.send(error_response(e), flags=FINAL)
 
     @staticmethod
-    def response(piece: Piece):
+    def response(piece: Piece, prompt_tokens: int):
         return pb_utils.InferenceResponse([
             bytes_tensor("text_output", [piece.text]),
             pb_utils.Tensor("output_token_count", np.array([[piece.tokens]], np.int32)),
             pb_utils.Tensor("time_to_first_token_ms", np.array([[piece.ttft_ms]], np.float32)),
+            pb_utils.Tensor("prompt_token_count", np.array([[prompt_tokens]], np.int32)),
         ])
 
     def finalize(self):

@@ -35,7 +35,7 @@ class TritonPythonModel:
             query = string_input(request, "QUERY")
             images = split_images(optional_input(request, "IMAGE"), optional_input(request, "IMAGE_SIZES"))
             inputs = self.preprocessor(query, images, parse_history(string_input(request, "HISTORY")),
-                                       string_input(request, "CONV_MODE"))
+                                       string_input(request, "CONV_MODE"), string_input(request, "SYSTEM_PROMPT"))
             output_len = int(optional_input(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
             if len(inputs.input_ids) + output_len > self.max_seq_len:
                 raise ValueError(f"prompt ({len(inputs.input_ids)} tokens) + max_tokens ({output_len}) exceeds "

@@ -1,0 +1,5 @@
+import sys
+
+from client.openai_api.app import main
+
+sys.exit(main())
