@@ -34,6 +34,7 @@ from build_engines.trt_engine import (
     build_engine,
     import_tensorrt,
 )
+from build_engines.vision_graph import MGMVisionGraph
 from mgm_ref.errors import CheckpointError, MGMError
 
 MODEL_TYPE = "mgm"
@@ -51,22 +52,8 @@ class VisionBuildError(MGMError):
 
 
 # ------------------------------------------------------------------------------------------------
-# The exported graph: one wrapper module, one spec describing its I/O (data, not code branches).
+# The exported graph (build_engines.vision_graph) and one spec describing its I/O.
 # ------------------------------------------------------------------------------------------------
-class MGMVisionGraph(nn.Module):
-    """The vision engine's exact I/O boundary: preprocessed LR + HR pixels -> LLM-ready image rows.
-
-    Calls the reference encoder unchanged, so what is exported is what mgm_ref computes.
-    """
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images, images_aux)
-
-
 @dataclass(frozen=True)
 class VisionGraphSpec:
     """Per-image shapes of the graph's inputs and output, derived from an MGMConfig."""

@@ -113,11 +113,11 @@ def test_onnxruntime_fp16_graph_against_fp32_mgm_ref(ort_artifacts, references, 
     assert err <= 1e-2
 
 
-def test_wrapper_is_the_reference_forward(references):
+def test_graph_is_the_reference_forward_with_mining_reassociated(references):
     cfg, ref = references[("llama", True)]
     images, images_aux = _fresh_inputs(cfg, 2, seed=7)
     with torch.no_grad():
-        assert torch.equal(MGMVisionGraph(ref)(images, images_aux), ref(images, images_aux))
+        assert rel_l2(MGMVisionGraph(ref)(images, images_aux), ref(images, images_aux)) <= 1e-5
 
 
 def test_spec_shapes_follow_the_variant(references):
