@@ -108,7 +108,7 @@ def _run_backend(kind: str, opts: dict) -> dict:
                 out = model(images.to(device, dtype), images_aux.to(device, dtype))
             return out
     else:
-        from build_engines.vision import load_vision_artifact
+        from mgm_runtime.vision_artifact import load_vision_artifact
 
         _, runner = load_vision_artifact(opts["artifact"], threads=threads)
 

@@ -1,0 +1,1 @@
+"""Runtime layer: runners for ONNX Runtime and TensorRT, artifact loading, numerics, prompt-table lookup."""
