@@ -29,7 +29,12 @@ from mgm_ref.vision import MGMVisionEncoder, ln_linear, window_hr_features
 
 
 class ReassociatedMining(nn.Module):
-    """Patch info mining in the re-associated form, over the reference's own projector modules."""
+    """Patch info mining in the re-associated form, over the reference's own projector modules.
+
+    `forward(lr, hr)` takes the HR map channels-first like the reference; `mine_nhwc(lr, hr)` takes it
+    channels-last, which the graph uses: LayerNorm runs over the last axis and the windows are read
+    in place through reshapes, so the HR map is never reordered into windows.
+    """
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
@@ -40,28 +45,64 @@ class ReassociatedMining(nn.Module):
         self.scale = float(self.key.out_features) ** 0.5
 
     def forward(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
-        grid_side = int(lr.shape[1] ** 0.5)
-        windows = window_hr_features(hr, grid_side)  # (B, N, M*M, C)
-        c = windows.shape[-1]
-        normed_k = F.layer_norm(windows, (c,), eps=self.key_norm.eps)
+        return self.mine_nhwc(lr, hr.permute(0, 2, 3, 1))
+
+    def mine_nhwc(self, lr: torch.Tensor, hr: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """lr (B, Ph*Pw, D) tokens of a Ph x Pw grid (square unless `grid` says), hr (B, Ph*M, Pw*M, C)."""
+        b, h, w, c = hr.shape
+        ph, pw = grid or (int(lr.shape[1] ** 0.5),) * 2
+        m = h // ph
+        shape = tuple(self.key_norm.normalized_shape)  # static, so traced exports keep it a constant
+        normed_k = F.layer_norm(hr, shape, eps=self.key_norm.eps)
         normed_v = normed_k if self.value_norm.eps == self.key_norm.eps else \
-            F.layer_norm(windows, (c,), eps=self.value_norm.eps)
+            F.layer_norm(hr, shape, eps=self.value_norm.eps)
 
         query = self.query(lr)  # (B, N, D)
-        # (g_k * W_k^T q_i) / s, per token: (B, N, C)
+        # (g_k * W_k^T q_i) / s per token, laid out like the windows: (B, Ph, 1, Pw, C, 1)
         probe = (query @ self.key.weight) * (self.key_norm.weight / self.scale)
-        logits = (normed_k @ probe[..., None]).squeeze(-1)  # (B, N, M*M)
+        probe = probe.reshape(b, ph, 1, pw, c, 1)
+        # pixel (y, x) of window (p, q) is hr[:, p*M + y, q*M + x]: windows read in place
+        windows_k = normed_k.reshape(b, ph, m, pw, m, c)
+        logits = (windows_k @ probe).reshape(b, ph, m, pw, m)  # (B, Ph, M_y, Pw, M_x)
+        logits = logits.permute(0, 1, 3, 2, 4).reshape(b, ph * pw, m * m)
         weights = logits.nan_to_num().softmax(-1)
-        pooled = (weights[:, :, None] @ normed_v).squeeze(2)  # (B, N, C): sum_j a_ij n_ij
+        weights = weights.reshape(b, ph, pw, m, m).permute(0, 1, 3, 2, 4).reshape(b, ph, m, pw, 1, m)
+        # sum_j a_ij n_ij: over x by the product, then over y
+        pooled = (weights @ normed_v.reshape(b, ph, m, pw, m, c)).sum(2).reshape(b, ph * pw, c)
         mined = self.value(pooled * self.value_norm.weight + self.value_norm.bias)
         return lr + mined
+
+
+def hr_features_nhwc(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """`ConvNextTower.forward` with a channels-last result (B, S/4, S/4, sum(dims)): each stage output
+    is upsampled as the reference does, then moved channels-last before the concat."""
+    x = tower.stem(pixels.to(tower.stem.patch_embeddings.weight.dtype))
+    outputs = []
+    for stage in tower.stages:
+        x = stage(x)
+        outputs.append(x)
+    size = outputs[0].shape[-2:]
+    return torch.cat(
+        [F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype).permute(0, 2, 3, 1)
+         for o in outputs],
+        dim=-1,
+    )
+
+
+def half_size_nhwc(hr: torch.Tensor) -> torch.Tensor:
+    """Bilinear x1/2 (align_corners=False) of a channels-last map, in float32 like the reference:
+    at exactly half size every output pixel sits midway between two input pixels on each axis, so
+    bilinear is the mean of each 2 x 2 block."""
+    b, h, w, c = hr.shape
+    return hr.float().reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4)).to(hr.dtype)
 
 
 class MGMVisionGraph(nn.Module):
     """The vision engine's exact I/O boundary: preprocessed LR + HR pixels -> LLM-ready image rows.
 
-    Runs the reference encoder's towers and projector unchanged and its mining re-associated; the
-    view handling (normal, HD crops + global) follows `MGMVisionEncoder.forward` step for step.
+    Runs the reference encoder's towers and projector (the same modules) and its mining
+    re-associated on a channels-last HR map; the view handling (normal, HD crops + global) gives
+    what `MGMVisionEncoder.forward` gives.
     """
 
     def __init__(self, encoder: nn.Module):
@@ -71,6 +112,8 @@ class MGMVisionGraph(nn.Module):
         self.vision_tower_aux = encoder.vision_tower_aux
         self.mm_projector = encoder.mm_projector
         self.mine = ReassociatedMining(encoder)
+        if self.config.hd and self.config.image_grid != 2:
+            raise ValueError(f"image_grid {self.config.image_grid}: the HD graph handles the 2 x 2 grid only")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,19 +121,22 @@ class MGMVisionGraph(nn.Module):
 
     def forward(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        hr = self.vision_tower_aux(images_aux).to(self.dtype)
+        hr = hr_features_nhwc(self.vision_tower_aux, images_aux).to(self.dtype)  # (B, Hf, Wf, C)
         if not cfg.hd:
-            return self.mm_projector(self.mine(self.vision_tower(images), hr))
+            return self.mm_projector(self.mine.mine_nhwc(self.vision_tower(images), hr))
 
         b, g = images.shape[0], cfg.image_grid
         n_crops = g * g
         lr = self.vision_tower(torch.cat([images[:, :n_crops].flatten(0, 1), images[:, n_crops]]))
+        n, d = lr.shape[1], lr.shape[2]
+        p = int(n ** 0.5)
         lr_crops, lr_global = lr[: b * n_crops], lr[b * n_crops:]
-        hr_global = F.interpolate(hr.float(), scale_factor=1 / g, mode="bilinear", align_corners=False).to(hr.dtype)
-        c, side = hr.shape[1], hr.shape[-1] // g
-        hr_crops = hr.reshape(b, c, g, side, g, side).permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
-        crops = self.mine(lr_crops, hr_crops).reshape(b, n_crops * lr.shape[1], -1)
-        tokens = torch.cat([self.mine(lr_global, hr_global), crops], dim=1)  # global first
+        # The crops' windows are the full map's windows: mine all crops at once on a (g*P) x (g*P)
+        # token grid over the whole map, then put the tokens back in crop order (TL, TR, BL, BR).
+        grid_tokens = lr_crops.reshape(b, g, g, p, p, d).permute(0, 1, 3, 2, 4, 5).reshape(b, n_crops * n, d)
+        mined = self.mine.mine_nhwc(grid_tokens, hr, grid=(g * p, g * p))
+        crops = mined.reshape(b, g, p, g, p, d).permute(0, 1, 3, 2, 4, 5).reshape(b, n_crops * n, d)
+        tokens = torch.cat([self.mine.mine_nhwc(lr_global, half_size_nhwc(hr)), crops], dim=1)  # global first
         return self.mm_projector(tokens)
 
 
