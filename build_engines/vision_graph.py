@@ -14,9 +14,10 @@ q_i . (W_k b_k + c_k) is the same for every j, and softmax is shift invariant, s
 pixels. The softmax weights sum to one, so the value projection moves outside the sum:
 mined_i = W_v (g_v * sum_j a_ij n_ij + b_v) + c_v, on N rows instead of N*M^2.
 
-Non-finite values: a non-finite logit only arises from a non-finite q_i or n_ij, and then the token's
-value sum (or its residual X_L) is non-finite in both forms, so the output's non-finite entries are
-the reference's; nan_to_num is kept on the logits so finite-but-huge products saturate the same way.
+Non-finite values: for finite inputs a logit is non-finite only by overflow; otherwise it comes from
+a non-finite n_ij (then that window's value sum is non-finite in both forms) or q_i (then so is the
+residual X_L), so the output's non-finite entries are the reference's. nan_to_num stays on the
+logits, as in the reference, so a NaN logit weighs as 0 in both.
 """
 
 from __future__ import annotations
