@@ -176,3 +176,17 @@ def test_reassociated_mining_is_30x_cheaper_at_mgm7b_sizes(exported, tmp_path):
     # reference: k and v projections 2 * 36864 * 2880 * 1024 each, plus q, logits and the weighted sum
     assert 434 < before < 437
     assert before / after >= 30
+
+
+@pytest.mark.parametrize("hd", [False, True], ids=["normal", "hd"])
+def test_torchscript_export_of_the_graph_matches_reference(tiny_checkpoints, tmp_path, hd):
+    from build_engines.vision import OUTPUT_NAME, export_vision_onnx
+
+    d = tiny_checkpoints("gemma", hd)
+    cfg, ref = MGMConfig.from_model_dir(d), load_vision(d, torch.float32)
+    path = export_vision_onnx(ref, cfg, tmp_path / "model.onnx", exporter="torchscript", log=None)
+    images, images_aux = VisionGraphSpec.from_config(cfg).dummy_inputs(3, seed=21)
+    with torch.no_grad():
+        want = ref(images, images_aux)
+    got = OrtRunner(path, threads=2)(images=images, images_aux=images_aux)[OUTPUT_NAME]
+    assert rel_l2(got, want) <= 1e-5
