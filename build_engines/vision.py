@@ -30,18 +30,20 @@ from build_engines.onnx_export import DEFAULT_OPSET, EXPORTERS, describe_io, exp
 from build_engines.trt_engine import (
     EngineBuildError,
     InputProfile,
+    TensorRTUnavailable,
     batch_profile,
     build_engine,
     import_tensorrt,
 )
+from build_engines.vision_graph import MGMVisionGraph
 from mgm_ref.errors import CheckpointError, MGMError
+from mgm_runtime.vision_artifact import CONFIG_FILE, MODEL_TYPE
 
-MODEL_TYPE = "mgm"
 INPUT_NAMES = ("images", "images_aux")
 OUTPUT_NAME = "image_features"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("tensorrt", "tensorrt_rtx", "onnxruntime")
-ENGINE_FILE, ONNX_FILE, CONFIG_FILE = "model.engine", "model.onnx", "config.json"
+ENGINE_FILE, ONNX_FILE = "model.engine", "model.onnx"
 # relative L2 of the artifact vs the float32 PyTorch reference above which a build is refused
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}
 
@@ -51,22 +53,8 @@ class VisionBuildError(MGMError):
 
 
 # ------------------------------------------------------------------------------------------------
-# The exported graph: one wrapper module, one spec describing its I/O (data, not code branches).
+# The exported graph (build_engines.vision_graph) and one spec describing its I/O.
 # ------------------------------------------------------------------------------------------------
-class MGMVisionGraph(nn.Module):
-    """The vision engine's exact I/O boundary: preprocessed LR + HR pixels -> LLM-ready image rows.
-
-    Calls the reference encoder unchanged, so what is exported is what mgm_ref computes.
-    """
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, images: torch.Tensor, images_aux: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images, images_aux)
-
-
 @dataclass(frozen=True)
 class VisionGraphSpec:
     """Per-image shapes of the graph's inputs and output, derived from an MGMConfig."""
@@ -229,6 +217,27 @@ def verify_engine(engine_path: Path, reference: nn.Module, spec: VisionGraphSpec
     return rel_l2(got, want)
 
 
+# GPUs TensorRT-RTX engines run on (its support matrix): Turing, Ampere GA10x, Ada, Blackwell consumer.
+TENSORRT_RTX_SMS = ("SM75", "SM86", "SM89", "SM120", "SM121")
+
+
+def engine_cannot_run_here(backend: str, compute_capabilities: list[str] | None = None) -> str | None:
+    """Why this host cannot run the engine it just built (no GPU, a GPU the engine was not built for,
+    no TensorRT runtime), or None when it can: then a failing run is a real failure."""
+    if not torch.cuda.is_available():
+        return "running an engine needs a CUDA GPU (this host has none)"
+    major, minor = torch.cuda.get_device_capability()
+    sm = f"SM{major}{minor}"
+    targets = [c.upper() for c in compute_capabilities or []]
+    if backend == "tensorrt_rtx" and (sm not in (targets or TENSORRT_RTX_SMS)):
+        return f"this GPU is {sm}; the TensorRT-RTX engine targets {', '.join(targets or TENSORRT_RTX_SMS)}"
+    try:
+        import_tensorrt(backend)
+    except TensorRTUnavailable as e:
+        return f"no TensorRT runtime here ({e})"
+    return None
+
+
 def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "float16", max_batch_size: int = 4,
                  backend: str = "tensorrt", timing_cache: str | Path | None = None, keep_onnx: bool = False,
                  opset: int = DEFAULT_OPSET, exporter: str = "dynamo", verify: bool = True,
@@ -288,16 +297,20 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
                       "build_seconds": round(result.build_seconds, 1), "files": [ENGINE_FILE]})
         if keep_onnx:
             extra["onnx"] = str(onnx_path.relative_to(out))
-        if verify and torch.cuda.is_available():
+        reason = "--no_verify" if not verify else engine_cannot_run_here(backend, compute_capabilities)
+        if reason is None:
             try:
                 err = verify_engine(out / ENGINE_FILE, reference, spec, backend)
-                extra.setdefault("parity", {})[f"{backend}_vs_pytorch_fp32_rel_l2"] = err
-                log(f"engine vs PyTorch float32 on the GPU: relative L2 {err:.2e}")
-            except Exception as e:  # a build host may lack the runtime; the build itself succeeded
-                log(f"engine check on the GPU failed: {type(e).__name__}: {e}")
+            except Exception as e:
+                raise VisionBuildError(f"the {backend} engine was built but running it on this GPU failed: "
+                                       f"{type(e).__name__}: {e} ({out / ENGINE_FILE} kept for inspection)") from e
+            extra.setdefault("parity", {})[f"{backend}_vs_pytorch_fp32_rel_l2"] = err
+            log(f"engine vs PyTorch float32 on the GPU: relative L2 {err:.2e} (limit {VERIFY_TOLERANCE[dtype]:.0e})")
+            if not err <= VERIFY_TOLERANCE[dtype]:
+                raise VisionBuildError(f"the {dtype} {backend} engine does not match PyTorch: relative L2 {err:.3e} > "
+                                       f"{VERIFY_TOLERANCE[dtype]:.0e} ({out / ENGINE_FILE} kept for inspection)")
         else:
-            log("engine run check skipped: " + ("--no_verify" if not verify else
-                "running an engine needs a CUDA GPU (this host has none); the engine was built, not run"))
+            log(f"engine run check skipped: {reason}; the engine was built, not run")
 
     config = artifact_config(cfg, spec, dtype, backend, max_batch_size, file, io, extra)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -310,28 +323,6 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
             pass
     log(f"done: {out / file} + {out / CONFIG_FILE}")
     return config
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading an artifact (for the serving path)
-# ------------------------------------------------------------------------------------------------
-def load_vision_artifact(artifact_dir: str | Path, threads: int | None = None):
-    """(config dict, runner) for a folder written by `build_vision`; runner(images=..., images_aux=...)
-    returns {"image_features": array}. ONNX Runtime on CPU, or a TensorRT engine on a GPU."""
-    folder = Path(artifact_dir)
-    cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise VisionBuildError(f"{folder}: no {CONFIG_FILE}; build it with `mgm-build vision`")
-    config = json.loads(cfg_path.read_text())
-    if config.get("model_type") != MODEL_TYPE:
-        raise VisionBuildError(f"{cfg_path}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
-    if config["backend"] == "onnxruntime":
-        from build_engines.ort_runner import OrtRunner
-
-        return config, OrtRunner(folder / config["file"], threads=threads)
-    from build_engines.trt_engine import TrtRunner
-
-    return config, TrtRunner(folder / config["file"], backend=config["backend"])
 
 
 # ------------------------------------------------------------------------------------------------

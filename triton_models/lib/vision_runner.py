@@ -1,7 +1,7 @@
 """Run a built vision artifact (pixels -> image features) in chunks of its max_batch_size.
 
 Whichever backend built it (`mgm-build vision`: ONNX Runtime on CPU, TensorRT on GPU), the artifact
-folder's config.json says how to load it; `build_engines.vision.load_vision_artifact` does that.
+folder's config.json says how to load it; `mgm_runtime.vision_artifact.load_vision_artifact` does that.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from build_engines.vision import load_vision_artifact
+from mgm_runtime.vision_artifact import load_vision_artifact
 
 
 class VisionRunner:
