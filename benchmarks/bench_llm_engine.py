@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from mgm_runtime.prompt_table import embed_with_prompt_table, fake_ids  # noqa: E402
 from triton_models.lib.llm_engine import GenerationRequest, LLMEngine  # noqa: E402
 
 SIZES = {
@@ -37,7 +38,7 @@ def make_requests(cfg, n, text_len, new_tokens, dtype, seed=0):
     for k in range(n):
         text = torch.randint(3, cfg.vocab_size, (text_len,), generator=g).tolist()
         table = (torch.randn(576, cfg.hidden_size, generator=g) * 0.02).to(dtype)
-        ids = text[:5] + list(range(cfg.vocab_size, cfg.vocab_size + 576)) + text[5:]
+        ids = text[:5] + fake_ids(cfg.vocab_size, 576) + text[5:]
         reqs.append(GenerationRequest(input_ids=ids, prompt_table=table, max_new_tokens=new_tokens,
                                       stop_ids=[], request_id=str(k)))
     return reqs
@@ -45,10 +46,7 @@ def make_requests(cfg, n, text_len, new_tokens, dtype, seed=0):
 
 def embeds_of(llm, req):
     ids = torch.tensor(req.input_ids, device=llm.device)
-    fake = ids >= llm.config.vocab_size
-    emb = llm.get_input_embeddings()(ids.clamp(max=llm.config.vocab_size - 1))
-    emb[fake] = req.prompt_table.to(llm.device, emb.dtype)[ids[fake] - llm.config.vocab_size]
-    return emb[None]
+    return embed_with_prompt_table(ids, llm.get_input_embeddings(), req.prompt_table, llm.config.vocab_size)[None]
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ sqrt(hidden) inside HF's GemmaModel, as in training and in the TensorRT-LLM engi
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -197,16 +198,11 @@ def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: 
 
 def splice_embeddings(model, ids: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
     """(1, L, H) inputs_embeds: text embedded with the model's table, each -200 replaced by all image rows."""
+    from mgm_ref.model import splice_image_features
+
     embed = model.get_input_embeddings()
-    device = embed.weight.device
-    ids_t = torch.tensor(list(ids), dtype=torch.long, device=device)
-    pieces, start = [], 0
-    for pos in torch.nonzero(ids_t == IMAGE_TOKEN_INDEX).flatten().tolist():
-        pieces.append(embed(ids_t[start:pos]))
-        pieces.append(features.to(device, embed.weight.dtype))
-        start = pos + 1
-    pieces.append(embed(ids_t[start:]))
-    return torch.cat(pieces).unsqueeze(0)
+    ids_t = torch.tensor(list(ids), dtype=torch.long, device=embed.weight.device)
+    return splice_image_features(embed, ids_t, itertools.repeat(features)).unsqueeze(0)
 
 
 def make_forward_loop(calib: CalibrationSet, log: Callable[[str], None] = print, every: int = 0):

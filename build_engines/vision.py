@@ -35,6 +35,7 @@ from build_engines.trt_engine import (
     import_tensorrt,
 )
 from mgm_ref.errors import CheckpointError, MGMError
+from mgm_runtime.numerics import rel_l2  # noqa: F401  (tests import it from here)
 
 MODEL_TYPE = "mgm"
 INPUT_NAMES = ("images", "images_aux")
@@ -146,17 +147,6 @@ def check_writable(output_dir: str | Path) -> Path:
     return out
 
 
-def rel_l2(got, want) -> float:
-    """||got - want|| / ||want|| in float64."""
-    import numpy as np
-
-    g = np.asarray(got.float().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
-    w = np.asarray(want.float().cpu() if isinstance(want, torch.Tensor) else want, dtype=np.float64)
-    if g.shape != w.shape:
-        raise VisionBuildError(f"shape mismatch: got {g.shape}, expected {w.shape}")
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
-
-
 def export_vision_onnx(encoder: nn.Module, cfg, onnx_path: str | Path, dtype: str = "float32",
                        opset: int = DEFAULT_OPSET, exporter: str = "dynamo", export_batch: int = 2,
                        log: Callable[[str], None] | None = print) -> Path:
@@ -206,7 +196,7 @@ def artifact_config(cfg, spec: VisionGraphSpec, dtype: str, backend: str, max_ba
 def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dtype: str, batch: int = 1,
                 seed: int = 1234, threads: int | None = None) -> float:
     """rel L2 of ONNX Runtime on the graph vs the float32 PyTorch reference, on fresh random inputs."""
-    from build_engines.ort_runner import OrtRunner
+    from mgm_runtime.ort_runner import OrtRunner
 
     images, images_aux = spec.dummy_inputs(batch, torch.float32, seed)
     with torch.no_grad():
@@ -218,7 +208,7 @@ def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dt
 def verify_engine(engine_path: Path, reference: nn.Module, spec: VisionGraphSpec, backend: str, batch: int = 1,
                   seed: int = 1234) -> float:
     """rel L2 of the engine (GPU) vs the float32 PyTorch reference (on the GPU too)."""
-    from build_engines.trt_engine import TrtRunner
+    from mgm_runtime.trt_runner import TrtRunner
 
     runner = TrtRunner(engine_path, backend=backend)
     images, images_aux = spec.dummy_inputs(batch, torch.float32, seed)
@@ -326,10 +316,10 @@ def load_vision_artifact(artifact_dir: str | Path, threads: int | None = None):
     if config.get("model_type") != MODEL_TYPE:
         raise VisionBuildError(f"{cfg_path}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
     if config["backend"] == "onnxruntime":
-        from build_engines.ort_runner import OrtRunner
+        from mgm_runtime.ort_runner import OrtRunner
 
         return config, OrtRunner(folder / config["file"], threads=threads)
-    from build_engines.trt_engine import TrtRunner
+    from mgm_runtime.trt_runner import TrtRunner
 
     return config, TrtRunner(folder / config["file"], backend=config["backend"])
 

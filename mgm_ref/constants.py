@@ -18,3 +18,6 @@ CLIP_VIT_L_336 = {
     "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
     "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
 }
+
+# temperature <= this means greedy, as in the original MGM worker
+GREEDY_TEMPERATURE = 0.001

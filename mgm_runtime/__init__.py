@@ -1,1 +1,1 @@
-"""Runtime pieces shared by the build and serving sides: the build->serve contract."""
+"""Runtime layer: runners for ONNX Runtime and TensorRT, artifact loading, numerics, prompt-table lookup, the build->serve contract."""

@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from mgm_runtime.prompt_table import embed_with_prompt_table
 from triton_models.lib import attention
 from triton_models.lib.sampling import RowSampling, sample_next
 
@@ -620,17 +621,7 @@ class LLMEngine:
 
     # ---- prefill / decode ------------------------------------------------------------------------
     def _embed_prompt(self, handle: RequestHandle) -> torch.Tensor:
-        ids = handle._ids.to(self.device)
-        fake = ids >= self.vocab_size
-        embeds = self.embed(torch.where(fake, 0, ids))
-        if bool(fake.any()):
-            table = handle._table
-            rows = (ids[fake] - self.vocab_size).to(table.device)
-            picked = table[rows].to(self.device, self.dtype)
-            if not bool(torch.isfinite(picked).all()):
-                raise ValueError("prompt_table has non-finite values (NaN/inf) in the rows the prompt uses")
-            embeds[fake] = picked
-        return embeds
+        return embed_with_prompt_table(handle._ids.to(self.device), self.embed, handle._table, self.vocab_size)
 
     def _start_prefill(self, handle: RequestHandle) -> None:
         if handle.cancelled:
