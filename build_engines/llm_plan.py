@@ -15,6 +15,7 @@ import torch
 
 from build_engines import quantize as Q
 from build_engines import trtllm as T
+from mgm_ref.errors import MGMError
 
 CPU_CALIB_SIZE = 32                 # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
 GPU_CALIB_SIZE = 512
@@ -26,7 +27,7 @@ HOST_MEMORY_OVERHEAD = 1.5 * 2**30
 GPU_MEMORY_FACTOR = 1.3             # weights + quantizer state + calibration activations
 
 
-class LLMBuildError(ValueError):
+class LLMBuildError(MGMError):
     """A user-facing failure of `mgm-build llm` (bad option, model too big, missing tool)."""
 
 

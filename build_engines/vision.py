@@ -377,11 +377,18 @@ def run_vision_build(args: argparse.Namespace) -> dict:
     )
 
 
+def register_command(subparsers) -> None:
+    """`mgm-build vision` (the mgm_build.commands entry point)."""
+    help_text = "vision towers + mining + projector -> ONNX / TensorRT"
+    add_vision_arguments(subparsers.add_parser("vision", help=help_text, description=help_text)).set_defaults(
+        run=run_vision_build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m build_engines.vision ...` is `mgm-build vision ...`."""
-    from build_engines.cli import main as cli_main
+    from build_engines.cli import run_command
 
-    return cli_main(["vision", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(register_command, argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from build_engines.fill_template import fill_template, placeholders, unused_values
+from triton_models.fill_template import fill_template, placeholders, unused_values
 from mgm_ref.config import MGMConfig
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import (LLMContract, VisionContract, derive_limits, read_llm_contract,
@@ -156,6 +156,13 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--max_images_per_request", type=int, default=None,
                         help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)")
     return parser
+
+
+def register_command(subparsers) -> None:
+    """`mgm-build repo` (the mgm_build.commands entry point)."""
+    help_text = "fill the Triton model repository"
+    add_repo_arguments(subparsers.add_parser("repo", help=help_text, description=help_text)).set_defaults(
+        run=run_repo_build)
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:

@@ -36,6 +36,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mgm_ref.errors import MGMError
+
 # Models that every MPI rank loads; everything else runs on rank 0 only (tensorrtllm_backend).
 DEFAULT_WORKER_MODELS = ("tensorrt_llm",)
 # Per python-model instance; large tensors (image embeddings) grow it in steps of this size.
@@ -44,7 +46,7 @@ _TREE_STAMP = ".mgm-complete"
 _LOG_TAIL_LINES = 40
 
 
-class ServerError(RuntimeError):
+class ServerError(MGMError, RuntimeError):
     """The server could not be found, set up, started or made ready."""
 
 
@@ -81,6 +83,11 @@ def pytriton_root() -> Path:
 def pytriton_libs_dir() -> Path:
     """The wheel's bundled shared libraries (libtritonserver, libb64, libcudart, ...)."""
     return pytriton_root().parent / "nvidia_pytriton.libs"
+
+
+def bundled_libs_dir() -> Path | None:
+    """nvidia-pytriton's bundled shared libraries, None without the wheel (for client tools: perf_analyzer)."""
+    return pytriton_libs_dir() if importlib.util.find_spec("pytriton") else None
 
 
 def default_server_home() -> Path:

@@ -36,13 +36,14 @@ from client.cli import build_question, check_image
 from client.generation import generate_from_answer
 from client.mgm_client import ClientError, MGMClient
 from client.ocr import ocr_tokens
+from mgm_ref.errors import MGMError, run_cli
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_IMAGES = 4
 
 
-class BadRequest(ValueError):
+class BadRequest(MGMError):
     """The page sent something this server cannot use; the message is shown to the user."""
 
 
@@ -243,14 +244,18 @@ def main(argv=None) -> int:
     p.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for generation (optional)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     args = p.parse_args(argv)
+    return run_cli("mgm-web", lambda: serve(args), debug=args.debug)
+
+
+def serve(args: argparse.Namespace) -> int:
     url = args.triton_url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     demo = WebDemo(url, args.protocol, args.model, args.sd_model, args.timeout)
     try:
         server = make_server(demo, args.host, args.port, args.verbose)
     except OSError as e:
-        print(f"mgm-web: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        raise MGMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     print(f"mgm-web: serving {server.url} (Triton {url}, {args.protocol}, model {args.model}); Ctrl-C stops",
           flush=True)
     try:
