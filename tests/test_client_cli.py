@@ -11,29 +11,17 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from client import cli, generation
 from client.generation import extract_image_prompt, generate_from_answer
 from client.ocr import add_ocr_reference, ocr_tokens
 from mgm_ref.conversation import TEMPLATES, build_prompt
-from tests.conftest import png, random_image
+from tests.helpers.images import OCR_WORDS, png, random_image, text_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8
 QUESTION = "What is in the picture?"
-OCR_WORDS = ("HELLO", "WORLD")
-
-
-def text_image(words=OCR_WORDS) -> Image.Image:
-    """Big black words on white, one per line, in a scalable font (DejaVu if present, else Pillow's own)."""
-    path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
-    font = ImageFont.truetype(str(path), 64) if path.is_file() else ImageFont.load_default(size=64)
-    img = Image.new("RGB", (520, 110 * len(words) + 40), "white")
-    draw = ImageDraw.Draw(img)
-    for k, word in enumerate(words):
-        draw.text((30, 30 + 110 * k), word, fill="black", font=font)
-    return img
 
 
 # ---------------------------------------------------------------------------------------- the question

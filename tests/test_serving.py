@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from client.mgm_client import ClientError
-from tests.conftest import png, random_image, serve
+from tests.helpers.images import png, random_image
+from tests.helpers.served import serve
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 10

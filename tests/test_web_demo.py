@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from client.web.server import WebDemo, make_server
-from tests.test_client_cli import OCR_WORDS, text_image
-from tests.conftest import png, random_image
+from tests.helpers.images import OCR_WORDS, png, random_image, text_image
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 8

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from triton_models.fill_template import fill_template, placeholders, unused_values
 from mgm_ref.config import MGMConfig
+from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import (LLMContract, VisionContract, derive_limits, read_llm_contract,
                                   read_vision_contract, write_llm_contract)
@@ -36,7 +37,7 @@ MODELS = {
 
 CONTRACT_FILE = "contract.json"          # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
-CPU_MAX_IMAGES = 4                         # non-HD requests on the CPU path, as far as max_input_len allows
+CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST                         # non-HD requests on the CPU path, as far as max_input_len allows
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:

@@ -36,11 +36,12 @@ from client.cli import build_question, check_image
 from client.generation import generate_from_answer
 from client.mgm_client import ClientError, MGMClient
 from client.ocr import ocr_tokens
+from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
 from mgm_ref.errors import MGMError, run_cli
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 32 * 1024 * 1024
-MAX_IMAGES = 4
+MAX_IMAGES = MAX_IMAGES_PER_REQUEST
 
 
 class BadRequest(MGMError):

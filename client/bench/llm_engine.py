@@ -1,7 +1,7 @@
 """LLM serving benchmark: the in-flight batching engine (the CPU `tensorrt_llm` model) vs HF generate
 one request at a time (the original MGM repo's way), same requests, same run.
 
-    python benchmarks/bench_llm_engine.py [--size tiny|7b] [--device cpu|cuda] [--requests 8] [--new_tokens 128]
+    mgm-bench llm_engine [--size tiny|7b] [--device cpu|cuda] [--requests 8] [--new_tokens 128]
 
 Each request is a text prompt plus 576 prompt-table rows (one image), greedy, no stop token, so both
 sides produce exactly `new_tokens` tokens per request. Random weights (`--size 7b`: Vicuna-7B shapes,
@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from mgm_runtime.prompt_table import embed_with_prompt_table, fake_ids  # noqa: E402
-from triton_models.lib.llm_engine import GenerationRequest, LLMEngine  # noqa: E402
+from mgm_runtime.prompt_table import embed_with_prompt_table, fake_ids
+from triton_models.lib.llm_engine import GenerationRequest, LLMEngine
 
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
