@@ -108,3 +108,12 @@ def test_mgm_ref_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "run", _fail(KeyError("a bug")))
     with pytest.raises(KeyError):
         cli.main(argv)
+
+
+def test_mgm_build_llm_option_error_is_one_line(tiny_checkpoints, tmp_path, capsys):
+    from build_engines import cli
+
+    rc = cli.main(["llm", "--model_dir", str(tiny_checkpoints("llama")), "--output_dir", str(tmp_path / "o"),
+                   "--max_input_len", "1024", "--max_seq_len", "512"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and err.startswith("mgm-build llm: error: --max_seq_len 512 must exceed"), err
