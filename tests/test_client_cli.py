@@ -221,9 +221,8 @@ def mgm_client(served, *args, stdin=None, protocol="grpc"):
     ("grpc", "mgm_bls", False), ("grpc", "mgm_bls", True), ("http", "mgm_bls", True),
     ("grpc", "ensemble", False), ("http", "ensemble", False),
 ])
-def test_cli_answers_like_the_client_library(served, images, protocol, model, stream):
-    expected = served.client().generate(QUESTION, [(images / "a.png").read_bytes()], max_tokens=MAX_TOKENS,
-                                        temperature=0.0).text
+def test_cli_answers_like_mgm_ref(served, images, protocol, model, stream):
+    expected, _ = served.expected(QUESTION, [(images / "a.png").read_bytes()], MAX_TOKENS)
     r = mgm_client(served, "--model", model, "--image", images / "a.png", "--prompt", QUESTION,
                    "--temperature", 0, "--top_p", 0.9, "--max_tokens", MAX_TOKENS, "--conv_mode", "vicuna_v1",
                    *(["--stream"] if stream else []), protocol=protocol)
@@ -246,10 +245,8 @@ def test_cli_sampling_flags_and_two_images(served, images):
 @pytest.mark.server
 def test_cli_interactive_chat_keeps_history(served, images):
     image = (images / "a.png").read_bytes()
-    client = served.client()
-    first = client.generate("Describe it.", [image], max_tokens=MAX_TOKENS, temperature=0.0).text
-    second = client.generate("And the colours?", [image], max_tokens=MAX_TOKENS, temperature=0.0,
-                             history=[("Describe it.", first.strip())]).text
+    first, _ = served.expected("Describe it.", [image], MAX_TOKENS)
+    second, _ = served.expected("And the colours?", [image], MAX_TOKENS, history=[("Describe it.", first.strip())])
     r = mgm_client(served, "--image", images / "a.png", "--stream", "--temperature", 0, "--max_tokens", MAX_TOKENS,
                    stdin="Describe it.\nAnd the colours?\n\n")
     assert r.returncode == 0, r.stderr

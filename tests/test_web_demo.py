@@ -41,8 +41,9 @@ def web(served):
     server.server_close()
 
 
-def greedy(served, question, image=IMAGE, **kwargs) -> str:
-    return served.client().generate(question, [image], max_tokens=MAX_TOKENS, temperature=0.0, **kwargs).text
+def greedy(served, question, image=IMAGE, history=None) -> str:
+    """mgm_ref's greedy answer: the oracle the page's answers are checked against."""
+    return served.expected(question, [image], MAX_TOKENS, history)[0]
 
 
 def post_chat(web, body) -> tuple[int, list[tuple[str, dict]]]:

@@ -19,13 +19,13 @@ class Served:
         url = self.server.grpc_url if protocol == "grpc" else self.server.http_url
         return MGMClient(url, protocol=protocol, model=model, timeout_s=120)
 
-    def expected(self, prompt, images, max_tokens=10) -> tuple[str, int]:
+    def expected(self, prompt, images, max_tokens=10, history=None) -> tuple[str, int]:
         """mgm_ref's greedy answer (text, token count) for the same request."""
         from mgm_ref.conversation import build_prompt
         from mgm_ref.model import GenerationParams
         from mgm_ref.preprocess import load_image
         pils = [load_image(b) for b in images]
-        ids = self.ref.generate([self.ref.tokenize(build_prompt(self.ref.conv_mode, prompt, len(pils)))],
+        ids = self.ref.generate([self.ref.tokenize(build_prompt(self.ref.conv_mode, prompt, len(pils), history))],
                                 self.ref.image_features(pils) if pils else None,
                                 GenerationParams(max_new_tokens=max_tokens, temperature=0))[0]
         return self.ref.decode(ids), len(ids)
