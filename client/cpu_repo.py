@@ -26,11 +26,12 @@ def tiny_checkpoint(work: Path, log: Callable[[str], None] = print) -> Path:
 
 
 def prepare_cpu_repo(model_dir: Path | None, work: Path, max_batch_size: int = 8,
-                     log: Callable[[str], None] = print) -> tuple[Path, Path]:
+                     log: Callable[[str], None] = print, verify: bool = False) -> tuple[Path, Path]:
     """(checkpoint, model repository) under `work`; `model_dir` None: the built-in tiny checkpoint.
 
     The vision artifact (ONNX Runtime, float32) is built once per checkpoint folder and reused; the
-    repository is rewritten every time (it is small and records the batch size).
+    repository is rewritten every time (it is small and records the batch size). `verify`: check the
+    new vision artifact against PyTorch (rel L2) as `mgm-build vision` does.
     """
     from build_engines.vision import build_vision
     from mgm_ref.config import MGMConfig
@@ -45,6 +46,6 @@ def prepare_cpu_repo(model_dir: Path | None, work: Path, max_batch_size: int = 8
         log("building the vision artifact (ONNX Runtime, float32)")
         cfg = MGMConfig.from_model_dir(model_dir)
         build_vision(load_vision(model_dir, config=cfg), cfg, engines / "vision", dtype="float32",
-                     backend="onnxruntime", max_batch_size=4, verify=False, log=lambda m: None)
+                     backend="onnxruntime", max_batch_size=4, verify=verify, log=log if verify else lambda m: None)
     repo = build_repo(model_dir, engines, work / "repo", backend="cpu", max_batch_size=max_batch_size)
     return model_dir, repo

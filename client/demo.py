@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from triton_models.server import TritonServer
 
     step("preparing the checkpoint, the vision artifact and the model repository")
-    _, repo = prepare_cpu_repo(Path(args.model_dir) if args.model_dir else None, WORK, log=step)
+    _, repo = prepare_cpu_repo(Path(args.model_dir) if args.model_dir else None, WORK, log=step, verify=True)
     if args.image:
         image = Path(args.image)
     else:
