@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"| {kind} | - | failed | | | | |")
             continue
-        from build_engines.vision import rel_l2
+        from mgm_runtime.numerics import rel_l2
 
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" + (
             f", {r['peak_gpu_mb'] / 1024:.1f} GiB GPU" if "peak_gpu_mb" in r else "")
