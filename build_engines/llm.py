@@ -178,11 +178,18 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
                           dict(progress.timings), info)
 
 
+def register_command(subparsers) -> None:
+    """`mgm-build llm` (the mgm_build.commands entry point)."""
+    help_text = "LLM -> ModelOpt quantization -> TensorRT-LLM checkpoint/engine"
+    add_llm_arguments(subparsers.add_parser("llm", help=help_text, description=help_text)).set_defaults(
+        run=run_llm_build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m build_engines.llm ...` is `mgm-build llm ...`."""
-    from build_engines.cli import main as cli_main
+    from build_engines.cli import run_command
 
-    return cli_main(["llm", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(register_command, argv)
 
 
 if __name__ == "__main__":

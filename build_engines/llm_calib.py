@@ -12,14 +12,14 @@ sqrt(hidden) inside HF's GemmaModel, as in training and in the TensorRT-LLM engi
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
 from mgm_ref.errors import CheckpointError, ImageError, MGMError
@@ -71,29 +71,11 @@ class CalibrationSet:
 
 
 def synthetic_images(n: int, seed: int = 0) -> list[Image.Image]:
-    """Deterministic, varied RGB images (gradients, shapes, text, noise, several aspect ratios)."""
-    rng = random.Random(seed)
-    nrng = np.random.RandomState(seed)
+    """Deterministic, varied RGB scenes with sensor noise, in several aspect ratios."""
+    from mgm_ref.tiny import synthetic_scene
+
     sizes = [(640, 480), (480, 640), (512, 512), (800, 450), (336, 336), (1024, 768)]
-    images = []
-    for k in range(n):
-        w, h = sizes[k % len(sizes)]
-        x = np.linspace(0, 1, w)[None, :, None]
-        y = np.linspace(0, 1, h)[:, None, None]
-        base = np.concatenate([x * rng.random() + y * rng.random(), (1 - x) * rng.random() + y * 0.3,
-                               y * rng.random() + 0.2 * np.ones_like(x)], axis=2) * 255
-        base = base + nrng.normal(0, 12, base.shape)
-        img = Image.fromarray(base.clip(0, 255).astype("uint8"))
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.randint(2, 6)):
-            x0, y0 = rng.randint(0, w - 40), rng.randint(0, h - 40)
-            x1, y1 = x0 + rng.randint(20, w // 3), y0 + rng.randint(20, h // 3)
-            color = tuple(rng.randint(0, 255) for _ in range(3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=color)
-        draw.text((rng.randint(0, w // 2), rng.randint(0, h // 2)), rng.choice(["STOP", "EXIT 42", "Main St", "MGM"]),
-                  fill=(255, 255, 255))
-        images.append(img)
-    return images
+    return [synthetic_scene(*sizes[k % len(sizes)], seed=seed * 1000 + k, noise=12) for k in range(n)]
 
 
 class CalibrationImagesError(MGMError):
@@ -197,16 +179,11 @@ def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: 
 
 def splice_embeddings(model, ids: Sequence[int], features: torch.Tensor | None) -> torch.Tensor:
     """(1, L, H) inputs_embeds: text embedded with the model's table, each -200 replaced by all image rows."""
+    from mgm_ref.model import splice_image_features
+
     embed = model.get_input_embeddings()
-    device = embed.weight.device
-    ids_t = torch.tensor(list(ids), dtype=torch.long, device=device)
-    pieces, start = [], 0
-    for pos in torch.nonzero(ids_t == IMAGE_TOKEN_INDEX).flatten().tolist():
-        pieces.append(embed(ids_t[start:pos]))
-        pieces.append(features.to(device, embed.weight.dtype))
-        start = pos + 1
-    pieces.append(embed(ids_t[start:]))
-    return torch.cat(pieces).unsqueeze(0)
+    ids_t = torch.tensor(list(ids), dtype=torch.long, device=embed.weight.device)
+    return splice_image_features(embed, ids_t, itertools.repeat(features)).unsqueeze(0)
 
 
 def make_forward_loop(calib: CalibrationSet, log: Callable[[str], None] = print, every: int = 0):

@@ -15,18 +15,19 @@ import torch
 
 from build_engines import quantize as Q
 from build_engines import trtllm as T
+from mgm_ref.errors import MGMError
 
 CPU_CALIB_SIZE = 32                 # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
 GPU_CALIB_SIZE = 512
 # Peak host memory relative to the 16-bit weights, plus a fixed allowance for torch/ModelOpt. Measured on CPU
-# (build_engines/llm_bench.py, 0.34 B params, 0.63 GiB): 1.63 GiB peak for full_prec/fp8/int8_sq (loading holds
+# (client/bench/llm_build.py, 0.34 B params, 0.63 GiB): 1.63 GiB peak for full_prec/fp8/int8_sq (loading holds
 # the checkpoint's tensors and the model at once: ~1.8x), 2.0 GiB for int4_awq (~2.4x); 0.48 GiB baseline.
 HOST_MEMORY_FACTOR = 2.5
 HOST_MEMORY_OVERHEAD = 1.5 * 2**30
 GPU_MEMORY_FACTOR = 1.3             # weights + quantizer state + calibration activations
 
 
-class LLMBuildError(ValueError):
+class LLMBuildError(MGMError):
     """A user-facing failure of `mgm-build llm` (bad option, model too big, missing tool)."""
 
 

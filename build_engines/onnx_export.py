@@ -18,6 +18,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from mgm_ref.errors import MGMError
+
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
@@ -25,7 +27,7 @@ EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(MGMError, RuntimeError):
     """The export, or the check of the exported graph, failed."""
 
 

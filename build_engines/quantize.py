@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from mgm_ref.errors import MGMError
+
 QFORMATS = ("full_prec", "fp8", "int4_awq", "int8_sq")
 KV_CACHE_DTYPES = ("fp8", "int8")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -38,7 +40,7 @@ AWQ_MAX_CALIB = 32                # as TensorRT-LLM's quantize.py: AWQ's search 
 QUANT_ALGO = {"full_prec": None, "fp8": "FP8", "int4_awq": "W4A16_AWQ", "int8_sq": "W8A8_SQ_PER_CHANNEL"}
 
 
-class UnsupportedCombination(ValueError):
+class UnsupportedCombination(MGMError):
     """The requested qformat / kv cache / parallelism cannot be built for this model; says why."""
 
 

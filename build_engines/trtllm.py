@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mgm_ref.errors import MGMError
 from mgm_runtime.contract import DEFAULT_MAX_NUM_TOKENS, DEFAULT_MAX_OUTPUT_LEN, derive_limits  # noqa: F401
 
 TRTLLM_VERSION = "1.2.1"
@@ -29,7 +30,7 @@ TRTLLM_VERSION = "1.2.1"
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 
 
-class TrtllmBuildError(RuntimeError):
+class TrtllmBuildError(MGMError, RuntimeError):
     """trtllm-build is missing, or ran and failed."""
 
 

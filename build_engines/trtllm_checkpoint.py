@@ -333,7 +333,6 @@ def prompt_table_embeddings(input_ids: torch.Tensor, embedding: torch.Tensor, pr
     """TensorRT-LLM `PromptTuningEmbedding`: ids < vocab_size look up the vocabulary, ids >= vocab_size
     take row (id - vocab_size) of the flattened [B*T, H] prompt table. (Gemma's sqrt(hidden) scale is applied
     afterwards by the model, to both kinds of rows.)"""
-    is_prompt = input_ids >= vocab_size
-    text = embedding[input_ids.clamp(max=vocab_size - 1)]
-    table = prompt_table[(input_ids - vocab_size).clamp(min=0)]
-    return torch.where(is_prompt.unsqueeze(-1), table.to(text.dtype), text)
+    from mgm_runtime.prompt_table import embed_with_prompt_table
+
+    return embed_with_prompt_table(input_ids, embedding.__getitem__, prompt_table, vocab_size)

@@ -38,6 +38,7 @@ from build_engines.trt_engine import (
 from build_engines.vision_graph import MGMVisionGraph
 from mgm_ref.errors import CheckpointError, MGMError
 from mgm_runtime.vision_artifact import CONFIG_FILE, MODEL_TYPE
+from mgm_runtime.numerics import rel_l2  # noqa: F401  (tests import it from here)
 
 INPUT_NAMES = ("images", "images_aux")
 OUTPUT_NAME = "image_features"
@@ -134,17 +135,6 @@ def check_writable(output_dir: str | Path) -> Path:
     return out
 
 
-def rel_l2(got, want) -> float:
-    """||got - want|| / ||want|| in float64."""
-    import numpy as np
-
-    g = np.asarray(got.float().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
-    w = np.asarray(want.float().cpu() if isinstance(want, torch.Tensor) else want, dtype=np.float64)
-    if g.shape != w.shape:
-        raise VisionBuildError(f"shape mismatch: got {g.shape}, expected {w.shape}")
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
-
-
 def export_vision_onnx(encoder: nn.Module, cfg, onnx_path: str | Path, dtype: str = "float32",
                        opset: int = DEFAULT_OPSET, exporter: str = "dynamo", export_batch: int = 2,
                        log: Callable[[str], None] | None = print) -> Path:
@@ -194,7 +184,7 @@ def artifact_config(cfg, spec: VisionGraphSpec, dtype: str, backend: str, max_ba
 def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dtype: str, batch: int = 1,
                 seed: int = 1234, threads: int | None = None) -> float:
     """rel L2 of ONNX Runtime on the graph vs the float32 PyTorch reference, on fresh random inputs."""
-    from build_engines.ort_runner import OrtRunner
+    from mgm_runtime.ort_runner import OrtRunner
 
     images, images_aux = spec.dummy_inputs(batch, torch.float32, seed)
     with torch.no_grad():
@@ -206,7 +196,7 @@ def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dt
 def verify_engine(engine_path: Path, reference: nn.Module, spec: VisionGraphSpec, backend: str, batch: int = 1,
                   seed: int = 1234) -> float:
     """rel L2 of the engine (GPU) vs the float32 PyTorch reference (on the GPU too)."""
-    from build_engines.trt_engine import TrtRunner
+    from mgm_runtime.trt_runner import TrtRunner
 
     runner = TrtRunner(engine_path, backend=backend)
     images, images_aux = spec.dummy_inputs(batch, torch.float32, seed)
@@ -378,11 +368,18 @@ def run_vision_build(args: argparse.Namespace) -> dict:
     )
 
 
+def register_command(subparsers) -> None:
+    """`mgm-build vision` (the mgm_build.commands entry point)."""
+    help_text = "vision towers + mining + projector -> ONNX / TensorRT"
+    add_vision_arguments(subparsers.add_parser("vision", help=help_text, description=help_text)).set_defaults(
+        run=run_vision_build)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m build_engines.vision ...` is `mgm-build vision ...`."""
-    from build_engines.cli import main as cli_main
+    from build_engines.cli import run_command
 
-    return cli_main(["vision", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(register_command, argv)
 
 
 if __name__ == "__main__":

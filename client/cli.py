@@ -24,6 +24,7 @@ from pathlib import Path
 from client.generation import DEFAULT_OUTPUT, add_gen_tag, generate_from_answer
 from client.mgm_client import Answer, ClientError, MGMClient, read_image
 from client.ocr import add_ocr_reference, ocr_tokens
+from mgm_ref.errors import run_cli
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 EXIT_ERROR = 2
@@ -81,7 +82,8 @@ def add_client_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--gen", action="store_true", help="ask for an image prompt (<GEN>) and render it")
     g.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for --gen (never downloaded)")
     g.add_argument("--output_file", default=DEFAULT_OUTPUT, help="where --gen saves the image")
-    p.add_argument("--debug", action="store_true", help="print the question as sent (and the prompt with --conv_mode)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the question as sent (and the prompt with --conv_mode); tracebacks of errors too")
     return p
 
 
@@ -171,10 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="mgm-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
     try:
-        return run(args)
-    except ClientError as e:
-        print(f"mgm-client: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+        return run_cli("mgm-client", lambda: run(args), debug=args.debug)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -13,22 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 WORK = Path(os.environ.get("MGM_WORK_DIR", "work_dirs/demo"))
-
-
-def sample_image(path: Path) -> Path:
-    """A small synthetic scene (no assets to download): sky, sun, house, grass."""
-    img = Image.new("RGB", (640, 480), (135, 190, 235))
-    d = ImageDraw.Draw(img)
-    d.rectangle([0, 340, 640, 480], fill=(70, 160, 60))
-    d.ellipse([480, 40, 580, 140], fill=(250, 220, 60))
-    d.rectangle([180, 220, 380, 360], fill=(200, 60, 50))
-    d.polygon([(160, 220), (280, 130), (400, 220)], fill=(120, 70, 40))
-    d.rectangle([260, 290, 300, 360], fill=(90, 50, 30))
-    img.save(path)
-    return path
 
 
 def step(message: str) -> float:
@@ -45,28 +30,18 @@ def main(argv=None) -> int:
     p.add_argument("--max_tokens", type=int, default=32)
     args = p.parse_args(argv)
 
-    from build_engines.vision import build_vision
+    from client.cpu_repo import prepare_cpu_repo
     from client.mgm_client import MGMClient
-    from mgm_ref.config import MGMConfig
-    from mgm_ref.loader import load_vision
-    from mgm_ref.tiny import write_tiny_checkpoint
-    from triton_models.repo_builder import build_repo
+    from mgm_ref.tiny import synthetic_scene
     from triton_models.server import TritonServer
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    t = step("preparing the checkpoint")
-    model_dir = Path(args.model_dir) if args.model_dir else WORK / "tiny-mgm-llama"
-    if not args.model_dir and not (model_dir / "config.json").is_file():
-        write_tiny_checkpoint(model_dir, "llama")
-    image = Path(args.image) if args.image else sample_image(WORK / "sample.png")
-
-    vision_dir = WORK / "engines" / model_dir.name / "vision"
-    if not (vision_dir / "config.json").is_file():
-        t = step("building the vision artifact (ONNX Runtime, float32)")
-        cfg = MGMConfig.from_model_dir(model_dir)
-        build_vision(load_vision(model_dir, config=cfg), cfg, vision_dir, dtype="float32", backend="onnxruntime",
-                     max_batch_size=4)
-    repo = build_repo(model_dir, vision_dir.parent, WORK / "repo", backend="cpu")
+    step("preparing the checkpoint, the vision artifact and the model repository")
+    _, repo = prepare_cpu_repo(Path(args.model_dir) if args.model_dir else None, WORK, log=step, verify=True)
+    if args.image:
+        image = Path(args.image)
+    else:
+        image = WORK / "sample.png"
+        synthetic_scene(640, 480).save(image)
     t = step(f"starting tritonserver on {repo}")
     with TritonServer(repo) as server:  # starts, waits for readiness, stops on exit
         startup = time.perf_counter() - t

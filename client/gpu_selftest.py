@@ -114,14 +114,12 @@ def requests(images: list[bytes]) -> list[tuple[str, list[bytes]]]:
 def synthetic_pngs(n: int) -> list[bytes]:
     import io
 
-    import numpy as np
-    from PIL import Image
+    from mgm_ref.tiny import synthetic_scene
 
     out = []
     for seed in range(n):
-        img = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (240, 320, 3), dtype=np.uint8))
         buf = io.BytesIO()
-        img.save(buf, format="PNG")
+        synthetic_scene(320, 240, seed, noise=24).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 

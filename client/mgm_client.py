@@ -23,8 +23,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from mgm_ref.errors import MGMError
 
-class ClientError(RuntimeError):
+
+class ClientError(MGMError, RuntimeError):
     """The server is unreachable, not ready, or answered with an error (its message is kept)."""
 
 

@@ -21,13 +21,14 @@ from ctypes.util import find_library
 from pathlib import Path
 from typing import Sequence
 
-from triton_models.server import ServerError, cache_root, pytriton_libs_dir
+from mgm_ref.errors import MGMError
+from triton_models.server import bundled_libs_dir, cache_root
 
 # soname -> the name find_library() knows it by
 NEEDED_LIBS = {"libb64.so.0d": "b64", "libcudart.so.12": "cudart"}
 
 
-class PerfAnalyzerError(RuntimeError):
+class PerfAnalyzerError(MGMError, RuntimeError):
     """perf_analyzer is missing, cannot be made runnable, or failed."""
 
 
@@ -63,10 +64,7 @@ def _link(target: Path, link: Path) -> None:
 def perf_analyzer_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment in which perf_analyzer finds libb64.so.0d and libcudart.so.12."""
     env = dict(os.environ if base is None else base)
-    try:
-        libs_dir = pytriton_libs_dir()
-    except ServerError:
-        libs_dir = None
+    libs_dir = bundled_libs_dir()
     # One link dir per nvidia-pytriton install: links point into that venv.
     key = hashlib.sha1(str(libs_dir).encode()).hexdigest()[:10]
     shim = cache_root() / f"perf-analyzer-libs-{key}"

@@ -13,7 +13,7 @@ import torch
 from transformers import TextStreamer
 
 from mgm_ref.conversation import TEMPLATES
-from mgm_ref.errors import MGMError
+from mgm_ref.errors import MGMError, run_cli
 from mgm_ref.loader import load_model
 from mgm_ref.model import GenerationParams
 from mgm_ref.preprocess import load_image
@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--clip-dir", default=None, help="HF CLIP folder, when the checkpoint lacks CLIP weights")
     p.add_argument("--convnext-dir", default=None, help="OpenCLIP ConvNeXt folder, when the checkpoint lacks them")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     return p.parse_args(argv)
 
 
@@ -69,11 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        sys.exit(run(args))
-    except MGMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli("mgm_ref.cli", lambda: run(args), debug=args.debug))
 
 
 if __name__ == "__main__":

@@ -18,3 +18,11 @@ CLIP_VIT_L_336 = {
     "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
     "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
 }
+
+# Limits on what a request may carry, the same in the reference, the server and the web demo.
+MAX_IMAGES_PER_REQUEST = 4   # HD models take one (their crops fill the context)
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+# temperature <= this means greedy, as in the original MGM worker
+GREEDY_TEMPERATURE = 0.001

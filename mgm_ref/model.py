@@ -9,13 +9,13 @@ Gemma scales `inputs_embeds` by sqrt(hidden) inside HF's GemmaModel, image rows 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import IMAGE_TOKEN_INDEX
+from mgm_ref.constants import GREEDY_TEMPERATURE, IMAGE_TOKEN_INDEX
 from mgm_ref.conversation import build_prompt, stop_token_ids, trim_answer
 from mgm_ref.errors import MGMError, PromptError
 from mgm_ref.preprocess import ImageProcessor, PixelInputs
@@ -26,7 +26,7 @@ from mgm_ref.vision import MGMVisionEncoder
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 512
-    temperature: float = 0.0      # <= 0.001 means greedy, as in the original worker
+    temperature: float = 0.0      # <= GREEDY_TEMPERATURE means greedy
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
@@ -43,7 +43,23 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.001
+        return self.temperature <= GREEDY_TEMPERATURE
+
+
+def splice_image_features(embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                          images: Iterator[torch.Tensor]) -> torch.Tensor:
+    """(L, H) inputs_embeds of one sequence: `ids` (1-D) embedded with `embed`, each IMAGE_TOKEN_INDEX
+    replaced by all rows of the next tensor of `images` (cast to the embeddings' dtype and device).
+
+    MGM's `prepare_inputs_labels_for_multimodal` for one sequence; the caller checks the image count.
+    """
+    pieces, start = [], 0
+    for pos in torch.nonzero(ids == IMAGE_TOKEN_INDEX).flatten().tolist():
+        text = embed(ids[start:pos])
+        pieces += [text, next(images).to(text.device, text.dtype)]
+        start = pos + 1
+    pieces.append(embed(ids[start:]))
+    return torch.cat(pieces)
 
 
 class MGM:
@@ -96,13 +112,8 @@ class MGM:
                 raise PromptError(
                     f"the prompt has {next_image + n_images} <image> tags but only {len(feats)} images were given"
                 )
-            pieces, start = [], 0
-            for pos in torch.nonzero(is_image).flatten().tolist():
-                pieces.append(embed(ids_t[start:pos]))
-                pieces.append(feats[next_image].to(self.device, self.dtype))
-                next_image, start = next_image + 1, pos + 1
-            pieces.append(embed(ids_t[start:]))
-            seq = torch.cat(pieces)
+            seq = splice_image_features(embed, ids_t, iter(feats[next_image:next_image + n_images]))
+            next_image += n_images
             if seq.shape[0] > self.config.max_length:
                 raise PromptError(
                     f"the prompt is {seq.shape[0]} tokens with its image tokens "

@@ -18,12 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import CLIP_MEAN, CLIP_STD
+from mgm_ref.constants import CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from mgm_ref.errors import ImageError
 
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
-MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

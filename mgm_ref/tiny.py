@@ -14,7 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -65,6 +67,35 @@ CORPUS = [
     "USER: ASSISTANT: [INST] [/INST] user model system assistant",
     "The quick brown fox jumps over the lazy dog. 0123456789 !?.,:;'\"()[]{}<>-_/+=*&%$#@",
 ]
+
+
+def synthetic_scene(width: int = 640, height: int = 480, seed: int = 0, noise: int = 0) -> Image.Image:
+    """A deterministic RGB scene (sky gradient, sun, house, field; `seed` moves and recolours them).
+
+    The one synthetic image of the project (tests, demo, benchmarks, calibration): photo-like rather
+    than random pixels, so encoded files stay small and image features are not those of noise.
+    `noise` adds uniform sensor noise of +-noise levels.
+    """
+    rng = np.random.RandomState(seed)
+    y = np.linspace(0.0, 1.0, height)[:, None, None]
+    sky = (np.array([90, 150, 230]) * (1 - y) + np.array([200, 225, 250]) * y) * np.ones((1, width, 1))
+    img = Image.fromarray(sky.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    s = min(width, height) / 480
+    horizon = int(height * (0.65 + 0.1 * rng.rand()))
+    d.rectangle([0, horizon, width, height], fill=(60 + rng.randint(40), 150, 60))
+    sx, sy = int(width * (0.6 + 0.3 * rng.rand())), int(height * 0.15)
+    d.ellipse([sx, sy, sx + int(90 * s), sy + int(90 * s)], fill=(250, 215, 60))
+    hx, hw = int(width * (0.15 + 0.3 * rng.rand())), int(200 * s)
+    d.rectangle([hx, horizon - int(130 * s), hx + hw, horizon + int(10 * s)], fill=(200, 60 + rng.randint(60), 50))
+    d.polygon([(hx - int(20 * s), horizon - int(130 * s)), (hx + hw // 2, horizon - int(220 * s)),
+               (hx + hw + int(20 * s), horizon - int(130 * s))], fill=(120, 70, 40))
+    d.rectangle([hx + hw // 2 - int(20 * s), horizon - int(60 * s), hx + hw // 2 + int(20 * s),
+                 horizon + int(10 * s)], fill=(90, 50, 30))
+    if not noise:
+        return img
+    pixels = np.asarray(img, np.int16) + rng.randint(-noise, noise + 1, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def build_tokenizer(template: str) -> PreTrainedTokenizerFast:

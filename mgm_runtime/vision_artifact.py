@@ -26,9 +26,9 @@ def load_vision_artifact(artifact_dir: str | Path, threads: int | None = None):
     if config.get("model_type") != MODEL_TYPE:
         raise VisionArtifactError(f"{cfg_path}: model_type {config.get('model_type')!r} is not {MODEL_TYPE!r}")
     if config["backend"] == "onnxruntime":
-        from build_engines.ort_runner import OrtRunner
+        from mgm_runtime.ort_runner import OrtRunner
 
         return config, OrtRunner(folder / config["file"], threads=threads)
-    from build_engines.trt_engine import TrtRunner
+    from mgm_runtime.trt_runner import TrtRunner
 
     return config, TrtRunner(folder / config["file"], backend=config["backend"])

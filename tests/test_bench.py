@@ -10,10 +10,12 @@ import re
 import pytest
 from PIL import Image
 
-from client import bench
-from client.bench_data import (make_workload, parse_image_sizes, perf_input_data, stream_stats, summarize,
+from client.bench import cli as bench
+from client.bench.data import (make_workload, parse_image_sizes, perf_input_data, stream_stats, summarize,
                                synthetic_image)
-from client.bench_report import BaselineResult, BenchResult, ServedRow, findings, plot, table, write_report
+from client.bench.perf_run import perf_args
+from client.bench.report import BaselineResult, BenchResult, ServedRow, findings, plot, table, write_report
+from client.bench.serve import parse_concurrency
 
 
 def test_input_data_carries_the_exact_image_bytes():
@@ -85,15 +87,15 @@ def test_ttft_and_itl_from_a_profile_export():
 
 
 def test_perf_args_for_time_windows_and_request_counts(tmp_path):
-    args = bench.perf_args("h:1", "mgm_bls", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
+    args = perf_args("h:1", "mgm_bls", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
                            measurement_interval_ms=3000, stability=30, max_trials=5)
     line = " ".join(args)
     assert "-i grpc --streaming" in line and "--concurrency-range 4:4" in line
     assert "--measurement-interval 3000 -s 30 --max-trials 5" in line and "--profile-export-file" in line
-    args = bench.perf_args("h:1", "ensemble", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
+    args = perf_args("h:1", "ensemble", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
                            request_count=2)
     assert args[-2:] == ["--request-count", "4"] and "--measurement-interval" not in args
-    assert bench.parse_concurrency("4,1,2,2") == [1, 2, 4]
+    assert parse_concurrency("4,1,2,2") == [1, 2, 4]
 
 
 def _row(c, rps, ttft):
@@ -125,8 +127,27 @@ def test_report_ratios_and_plots_without_a_server(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["ratios"]["scaling_c4_over_c1"] == 2.5
 
 
-def test_vision_subcommand_runs_the_vision_benchmark(capsys):
-    assert bench.main(["vision", "--help"]) == 0
+def test_llm_engine_benchmark_runs_and_matches_hf_generate(capsys):
+    assert bench.main(["llm_engine", "--size", "tiny", "--device", "cpu", "--requests", "2", "--text_len", "8",
+                       "--new_tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| engine, 2 concurrent \(in-flight\) \| [\d.]+ \| \d+ \|", out), out
+    assert "greedy tokens identical to HF for 2/2 requests" in out
+
+
+@pytest.mark.slow
+def test_vision_benchmark_runs_on_the_tiny_towers(tmp_path, capsys):
+    rc = bench.main(["vision", "--tiny", "--batch_sizes", "1", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                     "--threads", "1", "--work_dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results, "the vision benchmark wrote no results"
+
+
+def test_unknown_benchmark_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["nope"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 @pytest.mark.server

@@ -11,29 +11,17 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from client import cli, generation
 from client.generation import extract_image_prompt, generate_from_answer
 from client.ocr import add_ocr_reference, ocr_tokens
 from mgm_ref.conversation import TEMPLATES, build_prompt
-from tests.conftest import png, random_image
+from tests.helpers.images import OCR_WORDS, png, random_image, text_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8
 QUESTION = "What is in the picture?"
-OCR_WORDS = ("HELLO", "WORLD")
-
-
-def text_image(words=OCR_WORDS) -> Image.Image:
-    """Big black words on white, one per line, in a scalable font (DejaVu if present, else Pillow's own)."""
-    path = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
-    font = ImageFont.truetype(str(path), 64) if path.is_file() else ImageFont.load_default(size=64)
-    img = Image.new("RGB", (520, 110 * len(words) + 40), "white")
-    draw = ImageDraw.Draw(img)
-    for k, word in enumerate(words):
-        draw.text((30, 30 + 110 * k), word, fill="black", font=font)
-    return img
 
 
 # ---------------------------------------------------------------------------------------- the question
@@ -233,9 +221,8 @@ def mgm_client(served, *args, stdin=None, protocol="grpc"):
     ("grpc", "mgm_bls", False), ("grpc", "mgm_bls", True), ("http", "mgm_bls", True),
     ("grpc", "ensemble", False), ("http", "ensemble", False),
 ])
-def test_cli_answers_like_the_client_library(served, images, protocol, model, stream):
-    expected = served.client().generate(QUESTION, [(images / "a.png").read_bytes()], max_tokens=MAX_TOKENS,
-                                        temperature=0.0).text
+def test_cli_answers_like_mgm_ref(served, images, protocol, model, stream):
+    expected, _ = served.expected(QUESTION, [(images / "a.png").read_bytes()], MAX_TOKENS)
     r = mgm_client(served, "--model", model, "--image", images / "a.png", "--prompt", QUESTION,
                    "--temperature", 0, "--top_p", 0.9, "--max_tokens", MAX_TOKENS, "--conv_mode", "vicuna_v1",
                    *(["--stream"] if stream else []), protocol=protocol)
@@ -258,10 +245,8 @@ def test_cli_sampling_flags_and_two_images(served, images):
 @pytest.mark.server
 def test_cli_interactive_chat_keeps_history(served, images):
     image = (images / "a.png").read_bytes()
-    client = served.client()
-    first = client.generate("Describe it.", [image], max_tokens=MAX_TOKENS, temperature=0.0).text
-    second = client.generate("And the colours?", [image], max_tokens=MAX_TOKENS, temperature=0.0,
-                             history=[("Describe it.", first.strip())]).text
+    first, _ = served.expected("Describe it.", [image], MAX_TOKENS)
+    second, _ = served.expected("And the colours?", [image], MAX_TOKENS, history=[("Describe it.", first.strip())])
     r = mgm_client(served, "--image", images / "a.png", "--stream", "--temperature", 0, "--max_tokens", MAX_TOKENS,
                    stdin="Describe it.\nAnd the colours?\n\n")
     assert r.returncode == 0, r.stderr

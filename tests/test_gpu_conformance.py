@@ -27,7 +27,7 @@ from build_engines import trtllm as T
 from mgm_ref.errors import PromptError
 from mgm_runtime.contract import read_llm_contract
 from tests import upstream_facts as F
-from tests.repo_fixtures import fake_llm_engine, fake_vision
+from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
 from triton_models.repo_builder import build_repo
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from build_engines import quantize as Q
 from build_engines import trtllm_checkpoint as C
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
 from mgm_ref.loader import load_llm, load_model
-from tests.conftest import rel_l2
+from mgm_runtime.numerics import rel_l2
 
 FAST = ["--calib_images", "off", "--calib_size", "4", "--calib_max_len", "48"]
 SUPPORTED = [(f, q) for f in ("llama", "gemma", "mixtral") for q in Q.QFORMATS if (f, q) != ("mixtral", "int8_sq")]

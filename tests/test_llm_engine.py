@@ -1,4 +1,4 @@
-"""CPU LLM engine (triton_models.lib.llm_engine): parity with mgm_ref, in-flight batching, cancellation,
+"""CPU LLM engine (triton_models.lib.engine): parity with mgm_ref, in-flight batching, cancellation,
 error isolation, seeded sampling, queueing, validation and the batched sampler."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from mgm_ref.conversation import build_prompt
 from mgm_ref.loader import load_model
 from mgm_ref.model import GenerationParams
 from mgm_ref.tokenization import tokenizer_image_token
-from tests.conftest import random_image
+from tests.helpers.images import random_image
 from triton_models.lib import attention
 from triton_models.lib.engine import EngineShutdown, GenerationRequest, LLMEngine
 from triton_models.lib.sampling import RowSampling, sample_next

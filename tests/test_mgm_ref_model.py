@@ -21,7 +21,7 @@ from mgm_ref.model import MGM, GenerationParams
 from mgm_ref.preprocess import load_image
 from mgm_ref.tiny import build_tiny
 from mgm_ref.tokenization import tokenizer_image_token
-from tests.conftest import random_image
+from tests.helpers.images import random_image
 
 Q = "What is in the picture?"
 
@@ -183,11 +183,23 @@ def test_sampling_is_seeded_and_multi_image_works(tiny_checkpoints):
     assert model.chat("Compare.", imgs, params) == model.chat("Compare.", imgs, params)
 
 
-def test_hd_generation(tiny_checkpoints):
+def greedy_by_full_forward(model: MGM, ids: list[int], feats, max_new_tokens: int) -> list[int]:
+    """Greedy decoding by recomputing the whole sequence each step (no KV cache, no HF generate)."""
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(model.logits([ids + out], feats)[0, -1].argmax())
+        if token in model.stop_token_ids():
+            break
+        out.append(token)
+    return out
+
+
+def test_hd_generation_is_greedy_decoding_of_the_spliced_sequence(tiny_checkpoints):
     model = load_model(tiny_checkpoints("llama", hd=True))
-    ids = model.generate([prompt_ids(model)], model.image_features([random_image()]),
-                         GenerationParams(max_new_tokens=4, temperature=0))[0]
-    assert 0 < len(ids) <= 4
+    feats = model.image_features([random_image()])
+    assert feats.shape[1] == model.config.tokens_per_image
+    ids = model.generate([prompt_ids(model)], feats, GenerationParams(max_new_tokens=4, temperature=0))[0]
+    assert ids and ids == greedy_by_full_forward(model, prompt_ids(model), feats, 4)
     with pytest.raises(PromptError, match="one image"):
         model.image_features([random_image(), random_image()])
 

@@ -14,7 +14,8 @@ from mgm_ref.constants import CLIP_MEAN, CLIP_STD
 from mgm_ref.preprocess import PAD_COLOR, ImageProcessor, expand2square
 from mgm_ref.tiny import tiny_config_dict
 from mgm_ref.vision import MGMVisionEncoder, window_hr_features
-from tests.conftest import random_image, rel_l2
+from mgm_runtime.numerics import rel_l2
+from tests.helpers.images import random_image
 
 
 def tiny_config(llm="llama", hd=False) -> MGMConfig:

@@ -21,7 +21,7 @@ import pytest
 from mgm_ref.conversation import get_template, image_placeholders
 from mgm_ref.model import GenerationParams
 from mgm_ref.preprocess import load_image
-from tests.conftest import png, random_image
+from tests.helpers.images import png, random_image
 from triton_models.server import free_port
 
 pytestmark = pytest.mark.server

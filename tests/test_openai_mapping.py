@@ -14,7 +14,7 @@ from client.openai_api.schema import ChatCompletionRequest
 from client.openai_api.triton import _variants
 from mgm_ref.conversation import build_prompt, get_template
 from mgm_ref.errors import MGMError
-from tests.conftest import png, random_image
+from tests.helpers.images import png, random_image
 
 PNG = png(random_image(32, 24))
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()

@@ -9,7 +9,7 @@ import pytest
 
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import ContractError, read_llm_contract
-from tests.repo_fixtures import fake_llm_engine, fake_vision
+from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
 from triton_models.repo_builder import build_repo
 
 

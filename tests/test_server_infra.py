@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build_engines.fill_template import fill_template, parse_substitutions
-from build_engines.fill_template import main as fill_template_main
+from triton_models.fill_template import fill_template, parse_substitutions
+from triton_models.fill_template import main as fill_template_main
 from triton_models.launcher import argv, install, process
 from triton_models.launcher.errors import ServerError
 

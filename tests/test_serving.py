@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from client.mgm_client import ClientError
-from tests.conftest import png, random_image, serve
+from tests.helpers.images import png, random_image
+from tests.helpers.served import serve
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 10

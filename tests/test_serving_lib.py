@@ -11,7 +11,7 @@ import pytest
 from mgm_ref.constants import IMAGE_TOKEN_INDEX
 from mgm_ref.errors import ImageError, PromptError
 from mgm_ref.loader import load_tokenizer
-from tests.conftest import png, random_image
+from tests.helpers.images import png, random_image
 from triton_models.lib.detokenize import IncrementalDetokenizer
 from triton_models.lib.pipeline import AnswerText, Piece, run_answer
 from triton_models.lib.preprocess import (Preprocessor, parse_history, single_token_stops, split_images,

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import png, random_image
+from tests.helpers.images import png, random_image
 
 pytestmark = pytest.mark.server
 

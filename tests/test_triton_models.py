@@ -11,7 +11,7 @@ import torch
 from mgm_ref.config import MGMConfig
 from mgm_ref.loader import load_tokenizer
 from tests import triton_stub as tb
-from tests.conftest import png, random_image
+from tests.helpers.images import png, random_image
 from triton_models.lib.triton_io import ModelConfigError
 
 

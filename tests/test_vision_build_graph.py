@@ -13,7 +13,7 @@ import torch
 
 from build_engines.onnx_export import export_onnx
 from build_engines.onnx_flops import count_flops
-from build_engines.ort_runner import OrtRunner
+from mgm_runtime.ort_runner import OrtRunner
 from build_engines.vision import MGMVisionGraph, VisionGraphSpec, rel_l2
 from build_engines.vision_graph import MiningOnly, random_mining_projectors
 from mgm_ref.config import MGMConfig

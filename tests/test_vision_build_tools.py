@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from build_engines.onnx_export import OnnxExportError, describe_io, export_onnx
-from build_engines.ort_runner import OrtRunner
+from mgm_runtime.ort_runner import OrtRunner
 from build_engines.trt_engine import EngineBuildError, InputProfile, batch_profile, build_engine, import_tensorrt
 
 

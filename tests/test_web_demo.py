@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from client.web.server import WebDemo, make_server
-from tests.test_client_cli import OCR_WORDS, text_image
-from tests.conftest import png, random_image
+from tests.helpers.images import OCR_WORDS, png, random_image, text_image
 
 pytestmark = pytest.mark.server
 MAX_TOKENS = 8
@@ -42,8 +41,9 @@ def web(served):
     server.server_close()
 
 
-def greedy(served, question, image=IMAGE, **kwargs) -> str:
-    return served.client().generate(question, [image], max_tokens=MAX_TOKENS, temperature=0.0, **kwargs).text
+def greedy(served, question, image=IMAGE, history=None) -> str:
+    """mgm_ref's greedy answer: the oracle the page's answers are checked against."""
+    return served.expected(question, [image], MAX_TOKENS, history)[0]
 
 
 def post_chat(web, body) -> tuple[int, list[tuple[str, dict]]]:

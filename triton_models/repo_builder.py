@@ -18,8 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from build_engines.fill_template import fill_template, placeholders, unused_values
+from triton_models.fill_template import fill_template, placeholders, unused_values
 from mgm_ref.config import MGMConfig
+from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import (LLMContract, VisionContract, derive_limits, read_llm_contract,
                                   read_vision_contract, write_llm_contract)
@@ -36,7 +37,7 @@ MODELS = {
 
 CONTRACT_FILE = "contract.json"          # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
-CPU_MAX_IMAGES = 4                         # non-HD requests on the CPU path, as far as max_input_len allows
+CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST                         # non-HD requests on the CPU path, as far as max_input_len allows
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -163,6 +164,13 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--name", default=None, help="add this checkpoint to the repository as a variant of that "
                         "name (models prefixed NAME_), keeping the other variants")
     return parser
+
+
+def register_command(subparsers) -> None:
+    """`mgm-build repo` (the mgm_build.commands entry point)."""
+    help_text = "fill the Triton model repository"
+    add_repo_arguments(subparsers.add_parser("repo", help=help_text, description=help_text)).set_defaults(
+        run=run_repo_build)
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:

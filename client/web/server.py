@@ -36,13 +36,15 @@ from client.cli import build_question, check_image
 from client.generation import generate_from_answer
 from client.mgm_client import ClientError, MGMClient
 from client.ocr import ocr_tokens
+from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
+from mgm_ref.errors import MGMError, run_cli
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 32 * 1024 * 1024
-MAX_IMAGES = 4
+MAX_IMAGES = MAX_IMAGES_PER_REQUEST
 
 
-class BadRequest(ValueError):
+class BadRequest(MGMError):
     """The page sent something this server cannot use; the message is shown to the user."""
 
 
@@ -244,15 +246,19 @@ def main(argv=None) -> int:
     p.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for generation (optional)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     args = p.parse_args(argv)
+    return run_cli("mgm-web", lambda: serve(args), debug=args.debug)
+
+
+def serve(args: argparse.Namespace) -> int:
     url = args.triton_url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     model = f"{args.model_name}_{args.model}" if args.model_name else args.model
     demo = WebDemo(url, args.protocol, model, args.sd_model, args.timeout)
     try:
         server = make_server(demo, args.host, args.port, args.verbose)
     except OSError as e:
-        print(f"mgm-web: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        raise MGMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     print(f"mgm-web: serving {server.url} (Triton {url}, {args.protocol}, model {args.model}); Ctrl-C stops",
           flush=True)
     try:

@@ -1,5 +1,7 @@
 """The launcher's error type."""
 
+from mgm_ref.errors import MGMError
 
-class ServerError(RuntimeError):
+
+class ServerError(MGMError, RuntimeError):
     """The server could not be found, set up, started or made ready."""

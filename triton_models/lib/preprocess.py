@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import IMAGE_TOKEN_INDEX
+from mgm_ref.constants import IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
 from mgm_ref.conversation import build_prompt, stop_token_ids
 from mgm_ref.errors import ImageError, PromptError
 from mgm_ref.loader import load_tokenizer
@@ -60,8 +60,8 @@ def parse_history(text: str | None) -> list[tuple[str, str]]:
 
 
 class Preprocessor:
-    def __init__(self, model_dir: str | Path, max_input_len: int, max_images: int = 4,
-                 max_image_pixels: int = 64_000_000, vocab_offset: int | None = None):
+    def __init__(self, model_dir: str | Path, max_input_len: int, max_images: int = MAX_IMAGES_PER_REQUEST,
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, vocab_offset: int | None = None):
         self.config = MGMConfig.from_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.processor = ImageProcessor(self.config)

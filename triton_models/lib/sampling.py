@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-GREEDY_TEMPERATURE = 0.001  # temperature <= this means greedy, as in the original MGM worker and mgm_ref
+from mgm_runtime.numerics import GREEDY_TEMPERATURE
 
 
 @dataclass

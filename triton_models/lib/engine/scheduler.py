@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache
 
+from mgm_runtime.prompt_table import embed_with_prompt_table
 from triton_models.lib import attention
 from triton_models.lib.engine.kv_cache import BatchKVCache
 from triton_models.lib.engine.request import (EngineLimits, EngineShutdown, GenerationRequest, RequestHandle,
@@ -264,17 +265,8 @@ class LLMEngine:
 
     # ---- prefill / decode ------------------------------------------------------------------------
     def _embed_prompt(self, handle: RequestHandle) -> torch.Tensor:
-        ids = handle.valid.ids.to(self.device)
-        fake = ids >= self.vocab_size
-        embeds = self.embed(torch.where(fake, 0, ids))
-        if bool(fake.any()):
-            table = handle.valid.table
-            rows = (ids[fake] - self.vocab_size).to(table.device)
-            picked = table[rows].to(self.device, self.dtype)
-            if not bool(torch.isfinite(picked).all()):
-                raise ValueError("prompt_table has non-finite values (NaN/inf) in the rows the prompt uses")
-            embeds[fake] = picked
-        return embeds
+        return embed_with_prompt_table(handle.valid.ids.to(self.device), self.embed, handle.valid.table,
+                                       self.vocab_size)
 
     def _start_prefill(self, handle: RequestHandle) -> None:
         if handle.cancelled:

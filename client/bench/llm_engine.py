@@ -1,7 +1,7 @@
 """LLM serving benchmark: the in-flight batching engine (the CPU `tensorrt_llm` model) vs HF generate
 one request at a time (the original MGM repo's way), same requests, same run.
 
-    python benchmarks/bench_llm_engine.py [--size tiny|7b] [--device cpu|cuda] [--requests 8] [--new_tokens 128]
+    mgm-bench llm_engine [--size tiny|7b] [--device cpu|cuda] [--requests 8] [--new_tokens 128]
 
 Each request is a text prompt plus 576 prompt-table rows (one image), greedy, no stop token, so both
 sides produce exactly `new_tokens` tokens per request. Random weights (`--size 7b`: Vicuna-7B shapes,
@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from triton_models.lib import attention  # noqa: E402
-from triton_models.lib.engine import GenerationRequest, LLMEngine  # noqa: E402
+from mgm_runtime.prompt_table import embed_with_prompt_table, fake_ids
+from triton_models.lib import attention
+from triton_models.lib.engine import GenerationRequest, LLMEngine
 
 SIZES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -38,7 +35,7 @@ def make_requests(cfg, n, text_len, new_tokens, dtype, seed=0):
     for k in range(n):
         text = torch.randint(3, cfg.vocab_size, (text_len,), generator=g).tolist()
         table = (torch.randn(576, cfg.hidden_size, generator=g) * 0.02).to(dtype)
-        ids = text[:5] + list(range(cfg.vocab_size, cfg.vocab_size + 576)) + text[5:]
+        ids = text[:5] + fake_ids(cfg.vocab_size, 576) + text[5:]
         reqs.append(GenerationRequest(input_ids=ids, prompt_table=table, max_new_tokens=new_tokens,
                                       stop_ids=[], request_id=str(k)))
     return reqs
@@ -46,10 +43,7 @@ def make_requests(cfg, n, text_len, new_tokens, dtype, seed=0):
 
 def embeds_of(llm, req):
     ids = torch.tensor(req.input_ids, device=llm.device)
-    fake = ids >= llm.config.vocab_size
-    emb = llm.get_input_embeddings()(ids.clamp(max=llm.config.vocab_size - 1))
-    emb[fake] = req.prompt_table.to(llm.device, emb.dtype)[ids[fake] - llm.config.vocab_size]
-    return emb[None]
+    return embed_with_prompt_table(ids, llm.get_input_embeddings(), req.prompt_table, llm.config.vocab_size)[None]
 
 
 @torch.inference_mode()

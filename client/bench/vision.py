@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
-    from build_engines.ort_runner import default_threads
+    from mgm_runtime.ort_runner import default_threads
 
     threads = args.threads or default_threads()
     device, kinds, artifact_backend, artifact_dtype = plan(args.device)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- report ------------------------------------------------------------------------------
     import numpy as np
 
-    from build_engines.vision import rel_l2
+    from mgm_runtime.numerics import rel_l2
 
     base = kinds[0]  # eager float32: the reference output
     fast = kinds[-1]

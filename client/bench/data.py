@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from mgm_ref.tiny import synthetic_scene
 
 # (width, height, format): a small PNG, a VGA JPEG and an XGA JPEG
 IMAGE_SIZES: tuple[tuple[int, int, str], ...] = ((320, 240, "PNG"), (640, 480, "JPEG"), (1024, 768, "JPEG"))
@@ -42,33 +43,14 @@ class WorkItem:
 
 
 def synthetic_image(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
-    """A deterministic scene (sky gradient, sun, house, field, a little sensor noise), encoded as `fmt`.
+    """mgm_ref.tiny's synthetic scene encoded as `fmt`: PNG noise-free (small), JPEG with mild noise like a photo.
 
     Photo-like rather than random noise: random pixels make multi-megabyte PNGs, and perf_analyzer's
     profile export stores every request's inputs.
     """
-    rng = np.random.RandomState(seed)
-    y = np.linspace(0.0, 1.0, height)[:, None, None]
-    sky = (np.array([90, 150, 230]) * (1 - y) + np.array([200, 225, 250]) * y) * np.ones((1, width, 1))
-    img = Image.fromarray(sky.astype(np.uint8))
-    d = ImageDraw.Draw(img)
-    s = min(width, height) / 480
-    horizon = int(height * (0.65 + 0.1 * rng.rand()))
-    d.rectangle([0, horizon, width, height], fill=(60 + rng.randint(40), 150, 60))
-    sx, sy = int(width * (0.6 + 0.3 * rng.rand())), int(height * 0.15)
-    d.ellipse([sx, sy, sx + int(90 * s), sy + int(90 * s)], fill=(250, 215, 60))
-    hx, hw = int(width * (0.15 + 0.3 * rng.rand())), int(200 * s)
-    d.rectangle([hx, horizon - int(130 * s), hx + hw, horizon + int(10 * s)], fill=(200, 60 + rng.randint(60), 50))
-    d.polygon([(hx - int(20 * s), horizon - int(130 * s)), (hx + hw // 2, horizon - int(220 * s)),
-               (hx + hw + int(20 * s), horizon - int(130 * s))], fill=(120, 70, 40))
-    d.rectangle([hx + hw // 2 - int(20 * s), horizon - int(60 * s), hx + hw // 2 + int(20 * s),
-                 horizon + int(10 * s)], fill=(90, 50, 30))
-    pixels = np.asarray(img, np.int16)
-    if fmt.upper() != "PNG":  # PNG stays noise-free (small); JPEG gets mild noise, like a photo
-        pixels = pixels + rng.randint(-6, 7, pixels.shape)
+    image = synthetic_scene(width, height, seed, noise=0 if fmt.upper() == "PNG" else 6)
     buf = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-        buf, format=fmt.upper(), **({"quality": 90} if fmt.upper() == "JPEG" else {}))
+    image.save(buf, format=fmt.upper(), **({"quality": 90} if fmt.upper() == "JPEG" else {}))
     return buf.getvalue()
 
 

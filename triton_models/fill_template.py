@@ -3,7 +3,7 @@
 Same CLI shape as tensorrtllm_backend's tool, but strict: a key that the template does not contain
 and a placeholder left unfilled are errors, so a typo cannot ship a half-filled config.
 
-    python -m build_engines.fill_template -i repo/tensorrt_llm/config.pbtxt \\
+    python -m triton_models.fill_template -i repo/tensorrt_llm/config.pbtxt \\
         triton_max_batch_size:8,decoupled_mode:true,engine_dir:/engines/llm
     (`\\,` puts a literal comma into a value; values may contain `:`)
 """

@@ -1,6 +1,6 @@
 """Wall time and peak memory of `mgm-build llm` (calibrate + quantize + export) for LLMs of chosen sizes.
 
-    python -m build_engines.llm_bench --out DIR [--family llama] [--hidden 2048] [--layers 4]
+    mgm-bench llm_build --out DIR [--family llama] [--hidden 2048] [--layers 4]
         [--intermediate 5632] [--heads 16] [--kv_heads 16] [--vocab 32000] [--experts 0]
         [--qformats full_prec,fp8,int8_sq,int4_awq] [--calib_size 8] [--calib_max_len 256] [--dtype float16]
 
