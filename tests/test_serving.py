@@ -56,8 +56,11 @@ def test_text_only_multi_image_and_history(llama):
     two = [IMAGE, png(random_image(200, 300, seed=12))]
     text, _ = llama.expected("Compare the images.", two)
     assert llama.client().generate("Compare the images.", two, max_tokens=MAX_TOKENS).text == text
-    answer = llama.client().generate("And the colours?", [IMAGE], max_tokens=4, history=[(QUESTION, "A cat.")])
-    assert answer.output_tokens > 0
+    history = [(QUESTION, "A cat.")]
+    text, n_tokens = llama.expected("And the colours?", [IMAGE], max_tokens=4, history=history)
+    assert text != llama.expected("And the colours?", [IMAGE], max_tokens=4)[0], "history must change this answer"
+    answer = llama.client().generate("And the colours?", [IMAGE], max_tokens=4, history=history)
+    assert (answer.text, answer.output_tokens) == (text, n_tokens)
 
 
 def test_eight_concurrent_clients_get_their_own_answers(llama):

@@ -355,10 +355,6 @@ def test_missing_tensorrt_is_reported_before_the_export(checkpoints, tmp_path, m
     assert not (tmp_path / "o" / "onnx").exists()
 
 
-def test_errors_are_mgm_errors():
-    assert issubclass(VisionBuildError, MGMError)
-
-
 def test_loading_a_folder_that_is_not_a_vision_artifact(tmp_path):
     from mgm_runtime.vision_artifact import VisionArtifactError
 
