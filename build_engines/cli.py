@@ -30,14 +30,16 @@ def registered_commands() -> dict[str, Register]:
 
 
 def _add_debug(parser: argparse.ArgumentParser, default) -> None:
-    parser.add_argument("--debug", action="store_true", default=default,
-                        help="show the traceback of an input error too")
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show the traceback of an input error too"
+    )
 
 
 def build_parser(commands: dict[str, Register]) -> tuple[argparse.ArgumentParser, list[str]]:
     """The parser, and the subcommand names the register functions added."""
-    parser = argparse.ArgumentParser(prog="mgm-build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mgm-build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for register in commands.values():
@@ -61,8 +63,11 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     commands = registered_commands()
     if not commands:
-        print(f"mgm-build: error: no subcommands are registered (entry-point group {COMMAND_GROUP}): "
-              "install the package, e.g. `pip install -e .`", file=sys.stderr)
+        print(
+            f"mgm-build: error: no subcommands are registered (entry-point group {COMMAND_GROUP}): "
+            "install the package, e.g. `pip install -e .`",
+            file=sys.stderr,
+        )
         return 2
     return _run(build_parser(commands)[0], argv)
 

@@ -62,7 +62,9 @@ class Progress:
         self.timings[key] = round(elapsed, 3)
         self.peaks[key] = peak_rss_bytes()
         extra = f", GPU peak {gib(torch.cuda.max_memory_allocated())}" if torch.cuda.is_available() else ""
-        self.log(f"[{self.index}/{self.total}] {title}: done in {elapsed:.1f} s (peak RSS {gib(self.peaks[key])}{extra})")
+        self.log(
+            f"[{self.index}/{self.total}] {title}: done in {elapsed:.1f} s (peak RSS {gib(self.peaks[key])}{extra})"
+        )
 
 
 # ---- the build ---------------------------------------------------------------------------------------
@@ -104,33 +106,64 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
             tokenizer = load_tokenizer(plan.model_dir)
             mode = {"auto": "auto", "on": "multimodal", "off": "text"}[args.calib_images]
             calib = llm_calib.build_calibration_set(
-                plan.model_dir, plan.config, tokenizer, plan.calib_size, mode=mode, conv_mode=args.conv_mode,
-                image_dir=args.calib_image_dir, num_images=args.calib_num_images, dtype=torch_dtype,
-                device=plan.device, max_len=args.calib_max_len, seed=args.seed, log=log)
+                plan.model_dir,
+                plan.config,
+                tokenizer,
+                plan.calib_size,
+                mode=mode,
+                conv_mode=args.conv_mode,
+                image_dir=args.calib_image_dir,
+                num_images=args.calib_num_images,
+                dtype=torch_dtype,
+                device=plan.device,
+                max_len=args.calib_max_len,
+                seed=args.seed,
+                log=log,
+            )
 
     with progress.step("load_llm", f"load the LLM ({args.dtype}, {plan.device}; vision weights left out)"):
         llm, _, _ = load_llm(plan.model_dir, dtype=torch_dtype, device=plan.device, config=plan.config)
 
     if quantizing:
-        with progress.step("quantize", f"quantize with ModelOpt {Q.modelopt_version()} ({args.qformat}"
-                                       f"{', KV ' + args.kv_cache_dtype if args.kv_cache_dtype else ''})"):
+        with progress.step(
+            "quantize",
+            f"quantize with ModelOpt {Q.modelopt_version()} ({args.qformat}"
+            f"{', KV ' + args.kv_cache_dtype if args.kv_cache_dtype else ''})",
+        ):
             loop = llm_calib.make_forward_loop(calib, log, every=max(1, len(calib.samples) // 4))
             Q.quantize(llm, args.qformat, args.kv_cache_dtype, loop, plan.config.family, args.awq_block_size)
 
     with progress.step("export", f"export TensorRT-LLM checkpoint (tp={args.tp_size}, pp={args.pp_size})"):
         _clear_checkpoint(plan.checkpoint_dir)
-        trt_config = Q.export_checkpoint(llm, plan.config.family, args.dtype, plan.checkpoint_dir,
-                                         args.tp_size, args.pp_size, args.qformat, args.kv_cache_dtype)
+        trt_config = Q.export_checkpoint(
+            llm,
+            plan.config.family,
+            args.dtype,
+            plan.checkpoint_dir,
+            args.tp_size,
+            args.pp_size,
+            args.qformat,
+            args.kv_cache_dtype,
+        )
         del llm
         ranks = sorted(p.name for p in plan.checkpoint_dir.glob("rank*.safetensors"))
         if len(ranks) != args.tp_size * args.pp_size:
             raise LLMBuildError(f"export wrote {ranks}, expected {args.tp_size * args.pp_size} ranks")
-        log(f"  wrote {plan.checkpoint_dir}/config.json + {len(ranks)} rank files "
-            f"({gib(sum((plan.checkpoint_dir / r).stat().st_size for r in ranks))})")
+        log(
+            f"  wrote {plan.checkpoint_dir}/config.json + {len(ranks)} rank files "
+            f"({gib(sum((plan.checkpoint_dir / r).stat().st_size for r in ranks))})"
+        )
 
     with progress.step("command", "write the trtllm-build command"):
-        argv = T.trtllm_build_argv(Path("checkpoint"), Path("engine"), plan.limits, dtype=args.dtype,
-                                   qformat=args.qformat, kv_cache_dtype=args.kv_cache_dtype, workers=args.workers)
+        argv = T.trtllm_build_argv(
+            Path("checkpoint"),
+            Path("engine"),
+            plan.limits,
+            dtype=args.dtype,
+            qformat=args.qformat,
+            kv_cache_dtype=args.kv_cache_dtype,
+            workers=args.workers,
+        )
         script = T.write_build_script(plan.output_dir / "build_engine.sh", argv)
         log("  " + T.format_command(argv).replace("\n", "\n  "))
 
@@ -139,20 +172,34 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
         "source": source_record(plan.model_dir, plan.config),
         "llm": Q.shape_summary(plan.shape),
         "quantization": {
-            "qformat": args.qformat, "quant_algo": trt_config["quantization"].get("quant_algo"),
+            "qformat": args.qformat,
+            "quant_algo": trt_config["quantization"].get("quant_algo"),
             "kv_cache_dtype": args.kv_cache_dtype,
             "kv_cache_quant_algo": trt_config["quantization"].get("kv_cache_quant_algo"),
             "dtype": args.dtype,
             "awq_block_size": args.awq_block_size if args.qformat == "int4_awq" else None,
-            "calibration": None if calib is None else {
-                "size": len(calib.samples), "mode": calib.mode, "reason": calib.reason, "conv_mode": calib.conv_mode,
-                "image_source": calib.image_source, "seed": args.seed, **calib.stats},
+            "calibration": None
+            if calib is None
+            else {
+                "size": len(calib.samples),
+                "mode": calib.mode,
+                "reason": calib.reason,
+                "conv_mode": calib.conv_mode,
+                "image_source": calib.image_source,
+                "seed": args.seed,
+                **calib.stats,
+            },
         },
         "parallel": {"tp_size": args.tp_size, "pp_size": args.pp_size, "ranks": ranks},
         "contract": serve_contract(plan, trt_config).to_dict(),
         "multimodal": multimodal_contract(plan, trt_config, calib.conv_mode if calib else args.conv_mode),
-        "engine": {"limits": plan.limits.__dict__, "argv": argv, "script": script.name,
-                   "engine_dir": "engine", "built": False},
+        "engine": {
+            "limits": plan.limits.__dict__,
+            "argv": argv,
+            "script": script.name,
+            "engine_dir": "engine",
+            "built": False,
+        },
         "tools": tool_versions(),
         "device": plan.device,
         "warnings": plan.warnings,
@@ -172,17 +219,29 @@ def run_llm_build(args: argparse.Namespace, log: Callable[[str], None] = print) 
         built = True
         info["engine"]["built"] = True
         save_info()
-    log(f"done in {time.perf_counter() - total_start:.1f} s: {plan.output_dir} "
-        f"({'engine built' if built else 'run build_engine.sh on a GPU host to build the engine'})")
-    return LLMBuildResult(plan.output_dir, plan.checkpoint_dir, plan.engine_dir, script, info_path, argv, built,
-                          dict(progress.timings), info)
+    log(
+        f"done in {time.perf_counter() - total_start:.1f} s: {plan.output_dir} "
+        f"({'engine built' if built else 'run build_engine.sh on a GPU host to build the engine'})"
+    )
+    return LLMBuildResult(
+        plan.output_dir,
+        plan.checkpoint_dir,
+        plan.engine_dir,
+        script,
+        info_path,
+        argv,
+        built,
+        dict(progress.timings),
+        info,
+    )
 
 
 def register_command(subparsers) -> None:
     """`mgm-build llm` (the mgm_build.commands entry point)."""
     help_text = "LLM -> ModelOpt quantization -> TensorRT-LLM checkpoint/engine"
     add_llm_arguments(subparsers.add_parser("llm", help=help_text, description=help_text)).set_defaults(
-        run=run_llm_build)
+        run=run_llm_build
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

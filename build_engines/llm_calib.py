@@ -48,23 +48,27 @@ ANSWERS = [
     "A dog is running along the beach while waves break behind it.",
     "A quiet harbor at sunset with boats resting on calm water.",
 ]
-FOLLOW_UPS = ["Can you give more detail?", "What else do you notice?", "Summarize that in one sentence.",
-              "Why do you think so?"]
+FOLLOW_UPS = [
+    "Can you give more detail?",
+    "What else do you notice?",
+    "Summarize that in one sentence.",
+    "Why do you think so?",
+]
 
 
 @dataclass
 class CalibSample:
-    ids: list[int]                       # token ids; IMAGE_TOKEN_INDEX (-200) marks an image span
-    image: int | None = None             # index into CalibrationSet.image_features
-    max_positions: int | None = None     # cut the spliced sequence here (image rows count), as MGM truncates
+    ids: list[int]  # token ids; IMAGE_TOKEN_INDEX (-200) marks an image span
+    image: int | None = None  # index into CalibrationSet.image_features
+    max_positions: int | None = None  # cut the spliced sequence here (image rows count), as MGM truncates
 
 
 @dataclass
 class CalibrationSet:
     samples: list[CalibSample]
     image_features: torch.Tensor | None  # (N, T, H) projector outputs, or None in text mode
-    mode: str                            # "multimodal" | "text"
-    reason: str                          # why this mode (said in progress output and build_info.json)
+    mode: str  # "multimodal" | "text"
+    reason: str  # why this mode (said in progress output and build_info.json)
     conv_mode: str
     image_source: str | None = None
     stats: dict = field(default_factory=dict)
@@ -105,14 +109,14 @@ def conversation_texts(conv_mode: str, n: int, with_image: bool, seed: int = 0) 
     texts = []
     for _ in range(n):
         history = [(rng.choice(QUESTIONS), rng.choice(ANSWERS))]
-        texts.append(build_prompt(conv_mode, rng.choice(FOLLOW_UPS), n_images=1 if with_image else 0,
-                                  history=history))
+        texts.append(build_prompt(conv_mode, rng.choice(FOLLOW_UPS), n_images=1 if with_image else 0, history=history))
     return texts
 
 
 @torch.inference_mode()
-def image_features(model_dir: str | Path, config, images: Sequence[Image.Image], dtype: torch.dtype,
-                   device: str, batch_size: int = 4) -> torch.Tensor:
+def image_features(
+    model_dir: str | Path, config, images: Sequence[Image.Image], dtype: torch.dtype, device: str, batch_size: int = 4
+) -> torch.Tensor:
     """Projector outputs (N, T, H) in `dtype` from mgm_ref's vision path; the encoder is freed before returning.
 
     On the CPU the towers run in float32 (PyTorch's 16-bit CPU kernels are ~8x slower here) and the features
@@ -126,17 +130,29 @@ def image_features(model_dir: str | Path, config, images: Sequence[Image.Image],
     processor = ImageProcessor(config)
     feats = []
     for start in range(0, len(images), batch_size):
-        pixels = processor(list(images[start:start + batch_size]))
+        pixels = processor(list(images[start : start + batch_size]))
         out = vision(pixels.images.to(device, run_dtype), pixels.images_aux.to(device, run_dtype))
         feats.append(out.to("cpu", dtype))
     del vision
     return torch.cat(feats)
 
 
-def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: int, *, mode: str = "auto",
-                          conv_mode: str | None = None, image_dir: str | Path | None = None, num_images: int = 16,
-                          dtype: torch.dtype = torch.float16, device: str = "cpu", max_len: int | None = None,
-                          seed: int = 0, log: Callable[[str], None] = print) -> CalibrationSet:
+def build_calibration_set(
+    model_dir: str | Path,
+    config,
+    tokenizer,
+    calib_size: int,
+    *,
+    mode: str = "auto",
+    conv_mode: str | None = None,
+    image_dir: str | Path | None = None,
+    num_images: int = 16,
+    dtype: torch.dtype = torch.float16,
+    device: str = "cpu",
+    max_len: int | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> CalibrationSet:
     """mode: "auto" (images when the checkpoint's vision path loads), "multimodal" (must), "text"."""
     from mgm_ref.conversation import default_conv_mode
     from mgm_ref.tokenization import tokenizer_image_token
@@ -153,8 +169,10 @@ def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: 
             images = load_image_dir(image_dir, n_img) if image_dir else synthetic_images(n_img, seed)
             source = str(image_dir) if image_dir else f"{n_img} synthetic images (no image data set offline)"
             feats = image_features(model_dir, config, images, dtype, device)
-            reason = (f"multimodal: {config.tokens_per_image} image rows per sample from mgm_ref's vision path "
-                      f"(real projector outputs) on {source}")
+            reason = (
+                f"multimodal: {config.tokens_per_image} image rows per sample from mgm_ref's vision path "
+                f"(real projector outputs) on {source}"
+            )
         except UNAVAILABLE_VISION as e:  # the expected ways to have no images; anything else is a bug: raised
             if mode == "multimodal":
                 raise
@@ -170,10 +188,17 @@ def build_calibration_set(model_dir: str | Path, config, tokenizer, calib_size: 
         samples.append(CalibSample(ids=ids, image=(k % len(feats)) if with_image else None, max_positions=limit))
         lengths.append(min(length, limit))
         truncated += length > limit
-    stats = {"samples": len(samples), "tokens_min": min(lengths), "tokens_max": max(lengths),
-             "tokens_total": sum(lengths), "truncated": truncated}
-    log(f"calibration: {reason}; {len(samples)} '{conv_mode}' conversations, "
-        f"{stats['tokens_min']}-{stats['tokens_max']} positions each")
+    stats = {
+        "samples": len(samples),
+        "tokens_min": min(lengths),
+        "tokens_max": max(lengths),
+        "tokens_total": sum(lengths),
+        "truncated": truncated,
+    }
+    log(
+        f"calibration: {reason}; {len(samples)} '{conv_mode}' conversations, "
+        f"{stats['tokens_min']}-{stats['tokens_max']} positions each"
+    )
     return CalibrationSet(samples, feats, "multimodal" if with_image else "text", reason, conv_mode, source, stats)
 
 

@@ -17,19 +17,18 @@ from build_engines import quantize as Q
 from build_engines import trtllm as T
 from mgm_ref.errors import MGMError
 
-CPU_CALIB_SIZE = 32                 # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
+CPU_CALIB_SIZE = 32  # default on CPU (TensorRT-LLM's default of 512 is meant for GPUs)
 GPU_CALIB_SIZE = 512
 # Peak host memory relative to the 16-bit weights, plus a fixed allowance for torch/ModelOpt. Measured on CPU
 # (client/bench/llm_build.py, 0.34 B params, 0.63 GiB): 1.63 GiB peak for full_prec/fp8/int8_sq (loading holds
 # the checkpoint's tensors and the model at once: ~1.8x), 2.0 GiB for int4_awq (~2.4x); 0.48 GiB baseline.
 HOST_MEMORY_FACTOR = 2.5
 HOST_MEMORY_OVERHEAD = 1.5 * 2**30
-GPU_MEMORY_FACTOR = 1.3             # weights + quantizer state + calibration activations
+GPU_MEMORY_FACTOR = 1.3  # weights + quantizer state + calibration activations
 
 
 class LLMBuildError(MGMError):
     """A user-facing failure of `mgm-build llm` (bad option, model too big, missing tool)."""
-
 
 
 def peak_rss_bytes() -> int:
@@ -54,7 +53,7 @@ def gib(n: float | None) -> str:
 class Plan:
     model_dir: Path
     output_dir: Path
-    config: object                  # mgm_ref.config.MGMConfig
+    config: object  # mgm_ref.config.MGMConfig
     shape: Q.LLMShape
     device: str
     calib_size: int
@@ -80,8 +79,10 @@ def pick_device(requested: str, weight_bytes: int) -> tuple[str, list[str]]:
     need = int(weight_bytes * GPU_MEMORY_FACTOR)
     if need > free:
         if requested == "cuda":
-            raise LLMBuildError(f"the LLM needs about {gib(need)} of GPU memory for calibration, "
-                                f"the GPU has {gib(free)} free; use --device cpu (slow) or a larger GPU")
+            raise LLMBuildError(
+                f"the LLM needs about {gib(need)} of GPU memory for calibration, "
+                f"the GPU has {gib(free)} free; use --device cpu (slow) or a larger GPU"
+            )
         notes.append(f"the LLM needs about {gib(need)} of GPU memory, {gib(free)} is free: calibrating on the CPU")
         return "cpu", notes
     return "cuda", notes
@@ -111,17 +112,24 @@ def make_plan(args: argparse.Namespace, log: Callable[[str], None] = print) -> P
     model_dir, output_dir = Path(args.model_dir), Path(args.output_dir)
     config = MGMConfig.from_model_dir(model_dir)
     shape = Q.LLMShape.from_hf_config(config.family, config.llm_config)
-    warnings = Q.check_combination(shape, args.qformat, args.kv_cache_dtype, args.dtype, args.tp_size,
-                                   args.pp_size, args.awq_block_size)
+    warnings = Q.check_combination(
+        shape, args.qformat, args.kv_cache_dtype, args.dtype, args.tp_size, args.pp_size, args.awq_block_size
+    )
     if args.build and T.find_trtllm_build() is None:
         raise LLMBuildError(T.missing_tool_message(output_dir / "build_engine.sh"))
-    limits = T.engine_limits(max_batch_size=args.max_batch_size, tokens_per_image=config.tokens_per_image,
-                             max_input_len=args.max_input_len, max_seq_len=args.max_seq_len,
-                             max_images_per_request=args.max_images_per_request,
-                             default_input_len=config.max_length)
+    limits = T.engine_limits(
+        max_batch_size=args.max_batch_size,
+        tokens_per_image=config.tokens_per_image,
+        max_input_len=args.max_input_len,
+        max_seq_len=args.max_seq_len,
+        max_images_per_request=args.max_images_per_request,
+        default_input_len=config.max_length,
+    )
     if config.family == "gemma" and getattr(config.llm_config, "hidden_activation", None) == "gelu":
-        warnings.append("Gemma's MLP uses exact (erf) GELU as MGM-2B was trained; the exported hidden_act 'gelu' "
-                        "runs as TensorRT-LLM's tanh-approximated gelu (functional.gelu), a small numeric change")
+        warnings.append(
+            "Gemma's MLP uses exact (erf) GELU as MGM-2B was trained; the exported hidden_act 'gelu' "
+            "runs as TensorRT-LLM's tanh-approximated gelu (functional.gelu), a small numeric change"
+        )
     max_pos = getattr(config.llm_config, "max_position_embeddings", None)
     if max_pos and limits.max_seq_len > max_pos:
         warnings.append(f"max_seq_len {limits.max_seq_len} exceeds the LLM's max_position_embeddings {max_pos}")
@@ -138,15 +146,19 @@ def make_plan(args: argparse.Namespace, log: Callable[[str], None] = print) -> P
         raise LLMBuildError(f"the checkpoint needs about {gib(need_disk)} on disk, {output_dir} has {gib(free_disk)}")
     calib_size = args.calib_size or (GPU_CALIB_SIZE if device == "cuda" else CPU_CALIB_SIZE)
     if args.qformat == "int4_awq" and calib_size > Q.AWQ_MAX_CALIB:
-        warnings.append(f"int4_awq: calibrating on {Q.AWQ_MAX_CALIB} samples instead of {calib_size} "
-                        "(AWQ's scale search is slow; TensorRT-LLM's quantize.py does the same)")
+        warnings.append(
+            f"int4_awq: calibrating on {Q.AWQ_MAX_CALIB} samples instead of {calib_size} "
+            "(AWQ's scale search is slow; TensorRT-LLM's quantize.py does the same)"
+        )
         calib_size = Q.AWQ_MAX_CALIB
     if calib_size < 1:
         raise LLMBuildError(f"--calib_size must be >= 1, got {calib_size}")
-    log(f"plan: {config.family} LLM ({shape.param_count() / 1e9:.3f} B params, {gib(weight_bytes)} in 16-bit) "
+    log(
+        f"plan: {config.family} LLM ({shape.param_count() / 1e9:.3f} B params, {gib(weight_bytes)} in 16-bit) "
         f"from {model_dir}; {'HD, ' if config.hd else ''}{config.tokens_per_image} image tokens per image; "
         f"qformat={args.qformat} kv_cache={args.kv_cache_dtype or 'model dtype'} dtype={args.dtype} "
-        f"tp={args.tp_size} pp={args.pp_size}; device={device}; " + "; ".join(memory_note))
+        f"tp={args.tp_size} pp={args.pp_size}; device={device}; " + "; ".join(memory_note)
+    )
     for w in warnings:
         log(f"warning: {w}")
     return Plan(model_dir, output_dir, config, shape, device, calib_size, limits, warnings)

@@ -36,16 +36,23 @@ def source_record(model_dir: Path, config) -> dict:
 def tool_versions() -> dict:
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "modelopt": Q.modelopt_version(),
-                "tensorrt_llm_target": T.TRTLLM_VERSION, "image_target": T.DEFAULT_IMAGE}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "modelopt": Q.modelopt_version(),
+        "tensorrt_llm_target": T.TRTLLM_VERSION,
+        "image_target": T.DEFAULT_IMAGE,
+    }
     try:
         from importlib.metadata import version
+
         versions["mgm-deploy"] = version("mgm-deploy")
     except ImportError:
         versions["mgm-deploy"] = "source tree"
     try:
         import tensorrt_llm
+
         versions["tensorrt_llm"] = tensorrt_llm.__version__
     except ImportError:
         versions["tensorrt_llm"] = "not installed"
@@ -54,8 +61,13 @@ def tool_versions() -> dict:
 
 def serve_contract(plan: Plan, trt_config: dict) -> LLMContract:
     """What mgm-build repo reads back: the engine's limits, dtype and first fake id (never recomputed there)."""
-    return LLMContract(runtime="tensorrt_llm", dtype=trt_config["dtype"], hidden_size=plan.shape.hidden_size,
-                       vocab_offset=trt_config["vocab_size"], **asdict(plan.limits))
+    return LLMContract(
+        runtime="tensorrt_llm",
+        dtype=trt_config["dtype"],
+        hidden_size=plan.shape.hidden_size,
+        vocab_offset=trt_config["vocab_size"],
+        **asdict(plan.limits),
+    )
 
 
 def multimodal_contract(plan: Plan, trt_config: dict, conv_mode: str | None) -> dict:
@@ -63,14 +75,17 @@ def multimodal_contract(plan: Plan, trt_config: dict, conv_mode: str | None) -> 
     return {
         "prompt_table_vocab_offset": trt_config["vocab_size"],
         "fake_ids": "image row k of a request is token id prompt_table_vocab_offset + k; every request sends "
-                    "its own [rows, hidden] prompt table (in-flight batching keeps one table per request), so "
-                    "each request's fake ids restart at the offset; at most max_multimodal_len // max_batch_size "
-                    "rows per request; requests without images send no table",
+        "its own [rows, hidden] prompt table (in-flight batching keeps one table per request), so "
+        "each request's fake ids restart at the offset; at most max_multimodal_len // max_batch_size "
+        "rows per request; requests without images send no table",
         "tokens_per_image": plan.config.tokens_per_image,
         "max_images_per_request": plan.limits.max_images_per_request,
         "hidden_size": plan.shape.hidden_size,
-        "embedding_scale": ("sqrt(hidden_size) is applied inside the engine to text and prompt-table rows "
-                            "alike (as HF GemmaModel does to inputs_embeds): feed raw projector outputs"
-                            if gemma else None),
+        "embedding_scale": (
+            "sqrt(hidden_size) is applied inside the engine to text and prompt-table rows "
+            "alike (as HF GemmaModel does to inputs_embeds): feed raw projector outputs"
+            if gemma
+            else None
+        ),
         "conv_mode": conv_mode,
     }

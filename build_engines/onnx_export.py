@@ -13,8 +13,8 @@ import logging
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -88,16 +88,27 @@ def export_onnx(
             try:
                 if exporter == "torchscript":
                     torch.onnx.export(
-                        module, args, str(raw_path), input_names=list(input_names),
+                        module,
+                        args,
+                        str(raw_path),
+                        input_names=list(input_names),
                         output_names=list(output_names),
                         dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
-                        opset_version=opset, do_constant_folding=True, dynamo=False,
+                        opset_version=opset,
+                        do_constant_folding=True,
+                        dynamo=False,
                     )
                 else:
                     program = torch.onnx.export(
-                        module, args, input_names=list(input_names), output_names=list(output_names),
+                        module,
+                        args,
+                        input_names=list(input_names),
+                        output_names=list(output_names),
                         dynamic_shapes=_dynamic_shapes(input_names, dynamic_axes),
-                        opset_version=max(opset, 18), dynamo=True, optimize=True, verbose=False,
+                        opset_version=max(opset, 18),
+                        dynamo=True,
+                        optimize=True,
+                        verbose=False,
                     )
                     program.save(str(raw_path), external_data=True)
             except Exception as e:  # surface the exporter's message with context
@@ -140,8 +151,14 @@ def _finalize(raw_path: Path, onnx_path: Path, big: bool) -> None:
         if stale.exists():
             stale.unlink()
     if big:
-        onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(onnx_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(onnx_path))
     try:
@@ -157,8 +174,17 @@ def onnx_files(onnx_path: str | Path) -> list[Path]:
     return [onnx_path] + ([data] if data.exists() else [])
 
 
-_ONNX_DTYPE_NAMES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32", 9: "bool",
-                     2: "uint8", 3: "int8"}
+_ONNX_DTYPE_NAMES = {
+    1: "float32",
+    10: "float16",
+    16: "bfloat16",
+    11: "float64",
+    7: "int64",
+    6: "int32",
+    9: "bool",
+    2: "uint8",
+    3: "int8",
+}
 
 
 def describe_io(onnx_path: str | Path) -> dict:
@@ -170,8 +196,11 @@ def describe_io(onnx_path: str | Path) -> dict:
     def one(v):
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        return {"name": v.name, "dtype": _ONNX_DTYPE_NAMES.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type).lower()),
-                "shape": dims}
+        return {
+            "name": v.name,
+            "dtype": _ONNX_DTYPE_NAMES.get(t.elem_type, onnx.TensorProto.DataType.Name(t.elem_type).lower()),
+            "shape": dims,
+        }
 
     inits = {i.name for i in model.graph.initializer}
     return {

@@ -9,10 +9,10 @@ and a FLOP floor is about the matmul units anyway.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import Mapping, Sequence
 
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "FusedMatMul")
 
@@ -64,7 +64,7 @@ def count_flops(model, input_shapes: Mapping[str, Sequence[int]]) -> FlopCount:
         want = list(input_shapes[inp.name])
         if len(dims) != len(want):
             raise FlopCountError(f"input {inp.name!r}: rank {len(dims)} in the graph, shape {want} given")
-        for d, v in zip(dims, want):
+        for d, v in zip(dims, want, strict=True):
             d.Clear()
             d.dim_value = int(v)
     # Exporters record symbolic intermediate shapes; drop them so inference fills in concrete ones.

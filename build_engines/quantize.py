@@ -35,8 +35,8 @@ KV_CACHE_DTYPES = ("fp8", "int8")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 FAMILIES = ("llama", "gemma", "mixtral")
 AWQ_BLOCK_SIZE = 128
-AWQ_VOCAB_MULTIPLE = 64           # ModelOpt pads the vocabulary to this for AWQ (and fails on tied Gemma)
-AWQ_MAX_CALIB = 32                # as TensorRT-LLM's quantize.py: AWQ's search is slow, 32 samples suffice
+AWQ_VOCAB_MULTIPLE = 64  # ModelOpt pads the vocabulary to this for AWQ (and fails on tied Gemma)
+AWQ_MAX_CALIB = 32  # as TensorRT-LLM's quantize.py: AWQ's search is slow, 32 samples suffice
 QUANT_ALGO = {"full_prec": None, "fp8": "FP8", "int4_awq": "W4A16_AWQ", "int8_sq": "W8A8_SQ_PER_CHANNEL"}
 
 
@@ -94,8 +94,15 @@ class LLMShape:
         }
 
 
-def check_combination(shape: LLMShape, qformat: str, kv_cache_dtype: str | None = None, dtype: str = "float16",
-                      tp_size: int = 1, pp_size: int = 1, awq_block_size: int = AWQ_BLOCK_SIZE) -> list[str]:
+def check_combination(
+    shape: LLMShape,
+    qformat: str,
+    kv_cache_dtype: str | None = None,
+    dtype: str = "float16",
+    tp_size: int = 1,
+    pp_size: int = 1,
+    awq_block_size: int = AWQ_BLOCK_SIZE,
+) -> list[str]:
     """Raise UnsupportedCombination listing every problem; return warnings (strings) otherwise."""
     problems, warnings = [], []
     if qformat not in QFORMATS:
@@ -144,13 +151,17 @@ def check_combination(shape: LLMShape, qformat: str, kv_cache_dtype: str | None 
         if shape.intermediate_size % tp_size:
             problems.append(f"intermediate_size={shape.intermediate_size} is not divisible by tp_size={tp_size}")
     if pp_size > 1 and shape.num_layers % pp_size:
-        problems.append(f"num_hidden_layers={shape.num_layers} is not divisible by pp_size={pp_size} "
-                        "(ModelOpt splits layers evenly across pipeline stages)")
+        problems.append(
+            f"num_hidden_layers={shape.num_layers} is not divisible by pp_size={pp_size} "
+            "(ModelOpt splits layers evenly across pipeline stages)"
+        )
     if kv_cache_dtype == "int8" and qformat == "fp8":
         warnings.append("fp8 weights with an int8 KV cache is unusual; --kv_cache_dtype fp8 is the usual pairing")
     if kv_cache_dtype:
-        warnings.append("a quantized KV cache is reported to cost VLM accuracy more than quantized weights do "
-                        "(see DEPLOY_ANCHORS §4); compare against full_prec before serving it")
+        warnings.append(
+            "a quantized KV cache is reported to cost VLM accuracy more than quantized weights do "
+            "(see DEPLOY_ANCHORS §4); compare against full_prec before serving it"
+        )
     if problems:
         raise UnsupportedCombination(
             f"cannot build {fam} with qformat={qformat}, kv_cache_dtype={kv_cache_dtype}, dtype={dtype}, "
@@ -169,7 +180,7 @@ def needs_calibration(qformat: str, kv_cache_dtype: str | None) -> bool:
 
 
 def quant_cfg_form(mtq=None) -> str:
-    """"list" (ModelOpt >= 0.4x: ordered [{"quantizer_name": pattern, ...}]) or "dict" (ModelOpt 0.37, the
+    """ "list" (ModelOpt >= 0.4x: ordered [{"quantizer_name": pattern, ...}]) or "dict" (ModelOpt 0.37, the
     one TensorRT-LLM 1.2.1 pins: {pattern: attributes}, "default" applied first). Read off the installed
     ModelOpt's own FP8 preset, so no version table can go stale."""
     if mtq is None:
@@ -177,8 +188,9 @@ def quant_cfg_form(mtq=None) -> str:
     return "list" if isinstance(mtq.FP8_DEFAULT_CFG["quant_cfg"], list) else "dict"
 
 
-def quant_config(qformat: str, kv_cache_dtype: str | None = None, family: str = "llama",
-                 awq_block_size: int = AWQ_BLOCK_SIZE) -> dict:
+def quant_config(
+    qformat: str, kv_cache_dtype: str | None = None, family: str = "llama", awq_block_size: int = AWQ_BLOCK_SIZE
+) -> dict:
     """The ModelOpt `mtq.quantize` config (a fresh copy) for one qformat (+ KV cache quantizers), in the
     form the installed ModelOpt takes."""
     import modelopt.torch.quantization as mtq
@@ -214,8 +226,14 @@ def _entry(cfg: dict, pattern: str, form: str) -> dict:
     raise KeyError(pattern)
 
 
-def quantize(model: torch.nn.Module, qformat: str, kv_cache_dtype: str | None, forward_loop: Callable,
-             family: str, awq_block_size: int = AWQ_BLOCK_SIZE) -> torch.nn.Module:
+def quantize(
+    model: torch.nn.Module,
+    qformat: str,
+    kv_cache_dtype: str | None,
+    forward_loop: Callable,
+    family: str,
+    awq_block_size: int = AWQ_BLOCK_SIZE,
+) -> torch.nn.Module:
     """Insert ModelOpt quantizers and calibrate them with `forward_loop(model)`; returns the same model."""
     import modelopt.torch.quantization as mtq
 
@@ -225,8 +243,16 @@ def quantize(model: torch.nn.Module, qformat: str, kv_cache_dtype: str | None, f
     return mtq.quantize(model, cfg, forward_loop=forward_loop)
 
 
-def export_checkpoint(model: torch.nn.Module, family: str, dtype: str, export_dir: str | Path, tp_size: int = 1,
-                      pp_size: int = 1, qformat: str = "full_prec", kv_cache_dtype: str | None = None) -> dict:
+def export_checkpoint(
+    model: torch.nn.Module,
+    family: str,
+    dtype: str,
+    export_dir: str | Path,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    qformat: str = "full_prec",
+    kv_cache_dtype: str | None = None,
+) -> dict:
     """ModelOpt -> TensorRT-LLM checkpoint (config.json + rank{i}.safetensors); returns the final config."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
@@ -234,8 +260,14 @@ def export_checkpoint(model: torch.nn.Module, family: str, dtype: str, export_di
     if not getattr(model.config, "architectures", None):
         model.config.architectures = [type(model).__name__]
     with torch.inference_mode():
-        export_tensorrt_llm_checkpoint(model, decoder_type(family), DTYPES[dtype], export_dir=export_dir,
-                                       inference_tensor_parallel=tp_size, inference_pipeline_parallel=pp_size)
+        export_tensorrt_llm_checkpoint(
+            model,
+            decoder_type(family),
+            DTYPES[dtype],
+            export_dir=export_dir,
+            inference_tensor_parallel=tp_size,
+            inference_pipeline_parallel=pp_size,
+        )
     path = export_dir / "config.json"
     config = json.loads(path.read_text())
     # Same post-fixes as TensorRT-LLM's quantize.py: explicit architecture, no quant algo for full precision,
@@ -249,7 +281,7 @@ def export_checkpoint(model: torch.nn.Module, family: str, dtype: str, export_di
     if rope_scaling and "rotary_scaling" not in config:
         config["rotary_scaling"] = rope_scaling
     path.write_text(json.dumps(config, indent=4))
-    stray = export_dir / "quant_cfg.json"            # ModelOpt writes an empty per-layer map for some exports
+    stray = export_dir / "quant_cfg.json"  # ModelOpt writes an empty per-layer map for some exports
     if stray.is_file() and not json.loads(stray.read_text()).get("quantized_layers"):
         stray.unlink()
     return config
@@ -258,6 +290,7 @@ def export_checkpoint(model: torch.nn.Module, family: str, dtype: str, export_di
 def modelopt_version() -> str:
     try:
         import modelopt
+
         return modelopt.__version__
     except ImportError:
         return "not installed"

@@ -13,12 +13,11 @@ updates a timing cache, reports progress, and writes the serialized engine.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-from mgm_runtime.trt_runner import (  # noqa: F401  (re-exported: the build's error types)
-    BACKENDS, EngineBuildError, TensorRTUnavailable, import_tensorrt, make_trt_logger)
+from mgm_runtime.trt_runner import BACKENDS, EngineBuildError, TensorRTUnavailable, import_tensorrt, make_trt_logger  # noqa: F401  (re-exported: the build's error types)
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,11 @@ class InputProfile:
     def __post_init__(self):
         if not (len(self.min) == len(self.opt) == len(self.max)):
             raise ValueError(f"profile for {self.name}: min/opt/max ranks differ: {self.min} {self.opt} {self.max}")
-        for lo, mid, hi in zip(self.min, self.opt, self.max):
+        for lo, mid, hi in zip(self.min, self.opt, self.max, strict=True):
             if not lo <= mid <= hi:
-                raise ValueError(f"profile for {self.name}: need min <= opt <= max, got {self.min} {self.opt} {self.max}")
+                raise ValueError(
+                    f"profile for {self.name}: need min <= opt <= max, got {self.min} {self.opt} {self.max}"
+                )
 
 
 @dataclass
@@ -43,7 +44,7 @@ class BuildResult:
     engine_path: Path
     backend: str
     trt_version: str
-    inputs: list[dict] = field(default_factory=list)   # [{name, dtype, shape}] shape with -1 for dynamic
+    inputs: list[dict] = field(default_factory=list)  # [{name, dtype, shape}] shape with -1 for dynamic
     outputs: list[dict] = field(default_factory=list)
     build_seconds: float = 0.0
     engine_bytes: int = 0
@@ -120,8 +121,10 @@ def attach_timing_cache(config, path: Path, echo: Callable[[str], None]):
         return cache_obj
     if not blob:
         raise RuntimeError(f"TensorRT refused even an empty timing cache for {path}")
-    echo(f"timing cache: {path} ({len(blob)} bytes) was rejected by this TensorRT/GPU (a stale cache); "
-         "building with a new one, which overwrites it afterwards")
+    echo(
+        f"timing cache: {path} ({len(blob)} bytes) was rejected by this TensorRT/GPU (a stale cache); "
+        "building with a new one, which overwrites it afterwards"
+    )
     cache_obj = config.create_timing_cache(b"")
     if not config.set_timing_cache(cache_obj, ignore_mismatch=False):
         raise RuntimeError(f"TensorRT refused a new timing cache for {path}")
@@ -180,8 +183,10 @@ def build_engine(
     net_inputs = [network.get_input(i) for i in range(network.num_inputs)]
     unknown = set(by_name) - {t.name for t in net_inputs}
     if unknown:
-        raise EngineBuildError(f"profiles name inputs the network does not have: {sorted(unknown)}; "
-                               f"network inputs: {[t.name for t in net_inputs]}")
+        raise EngineBuildError(
+            f"profiles name inputs the network does not have: {sorted(unknown)}; "
+            f"network inputs: {[t.name for t in net_inputs]}"
+        )
     profile = builder.create_optimization_profile()
     for t in net_inputs:
         p = by_name.get(t.name)
@@ -190,8 +195,12 @@ def build_engine(
             if any(d < 0 for d in dims):
                 raise EngineBuildError(f"input {t.name} has dynamic shape {dims} but no profile was given")
             continue
-        if len(p.min) != len(dims) or any(d >= 0 and (d, d, d) != (lo, mid, hi) for d, lo, mid, hi in zip(dims, p.min, p.opt, p.max)):
-            raise EngineBuildError(f"profile for {t.name} min={p.min} opt={p.opt} max={p.max} does not fit its shape {dims}")
+        if len(p.min) != len(dims) or any(
+            d >= 0 and (d, d, d) != (lo, mid, hi) for d, lo, mid, hi in zip(dims, p.min, p.opt, p.max, strict=True)
+        ):
+            raise EngineBuildError(
+                f"profile for {t.name} min={p.min} opt={p.opt} max={p.max} does not fit its shape {dims}"
+            )
         profile.set_shape(t.name, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
 

@@ -52,14 +52,28 @@ def max_multimodal_len(max_batch_size: int, tokens_per_image: int, max_images_pe
     return max_batch_size * tokens_per_image * max_images_per_request
 
 
-def engine_limits(*, max_batch_size: int, tokens_per_image: int, max_input_len: int | None = None,
-                  max_seq_len: int | None = None, max_images_per_request: int = 1, default_input_len: int = 2048,
-                  max_num_tokens: int | None = None) -> EngineLimits:
+def engine_limits(
+    *,
+    max_batch_size: int,
+    tokens_per_image: int,
+    max_input_len: int | None = None,
+    max_seq_len: int | None = None,
+    max_images_per_request: int = 1,
+    default_input_len: int = 2048,
+    max_num_tokens: int | None = None,
+) -> EngineLimits:
     """Fill defaults and check them with the contract's one formula (mgm-build repo reads the result back)."""
-    return EngineLimits(**derive_limits(
-        max_batch_size=max_batch_size, tokens_per_image=tokens_per_image, max_input_len=max_input_len,
-        max_seq_len=max_seq_len, max_images_per_request=max_images_per_request,
-        default_input_len=default_input_len, max_num_tokens=max_num_tokens))
+    return EngineLimits(
+        **derive_limits(
+            max_batch_size=max_batch_size,
+            tokens_per_image=tokens_per_image,
+            max_input_len=max_input_len,
+            max_seq_len=max_seq_len,
+            max_images_per_request=max_images_per_request,
+            default_input_len=default_input_len,
+            max_num_tokens=max_num_tokens,
+        )
+    )
 
 
 def gemm_plugin(qformat: str, dtype: str) -> str:
@@ -67,25 +81,46 @@ def gemm_plugin(qformat: str, dtype: str) -> str:
     return "auto" if qformat == "fp8" else dtype
 
 
-def trtllm_build_argv(checkpoint_dir: str | Path, engine_dir: str | Path, limits: EngineLimits, *, dtype: str,
-                      qformat: str, kv_cache_dtype: str | None = None, workers: int = 1,
-                      executable: str = "trtllm-build") -> list[str]:
+def trtllm_build_argv(
+    checkpoint_dir: str | Path,
+    engine_dir: str | Path,
+    limits: EngineLimits,
+    *,
+    dtype: str,
+    qformat: str,
+    kv_cache_dtype: str | None = None,
+    workers: int = 1,
+    executable: str = "trtllm-build",
+) -> list[str]:
     """The exact `trtllm-build` command for one MGM LLM checkpoint, as an argv list."""
     argv = [
         executable,
-        "--checkpoint_dir", str(checkpoint_dir),
-        "--output_dir", str(engine_dir),
-        "--max_batch_size", str(limits.max_batch_size),
-        "--max_input_len", str(limits.max_input_len),
-        "--max_seq_len", str(limits.max_seq_len),
-        "--max_num_tokens", str(limits.max_num_tokens),
-        "--max_multimodal_len", str(limits.max_multimodal_len),
-        "--gemm_plugin", gemm_plugin(qformat, dtype),
-        "--gpt_attention_plugin", dtype,
-        "--kv_cache_type", "paged",
-        "--remove_input_padding", "enable",
-        "--context_fmha", "enable",
-        "--use_paged_context_fmha", "enable",
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--output_dir",
+        str(engine_dir),
+        "--max_batch_size",
+        str(limits.max_batch_size),
+        "--max_input_len",
+        str(limits.max_input_len),
+        "--max_seq_len",
+        str(limits.max_seq_len),
+        "--max_num_tokens",
+        str(limits.max_num_tokens),
+        "--max_multimodal_len",
+        str(limits.max_multimodal_len),
+        "--gemm_plugin",
+        gemm_plugin(qformat, dtype),
+        "--gpt_attention_plugin",
+        dtype,
+        "--kv_cache_type",
+        "paged",
+        "--remove_input_padding",
+        "enable",
+        "--context_fmha",
+        "enable",
+        "--use_paged_context_fmha",
+        "enable",
     ]
     if qformat == "fp8" and kv_cache_dtype == "fp8":
         argv += ["--use_fp8_context_fmha", "enable"]
@@ -116,8 +151,7 @@ def write_build_script(path: str | Path, argv: list[str], image: str | None = No
         f"# Build the TensorRT-LLM engine for this checkpoint. Needs TensorRT-LLM {TRTLLM_VERSION} on a GPU host,\n"
         f"# inside {image} (engines run only with the TensorRT they were built with).\n"
         "set -euo pipefail\n"
-        'cd "$(dirname "$0")"\n'
-        + format_command(argv) + "\n"
+        'cd "$(dirname "$0")"\n' + format_command(argv) + "\n"
     )
     path.chmod(0o755)
     return path

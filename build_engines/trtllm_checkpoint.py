@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 FP8_MAX = 448.0
-COLUMN = ("attention.qkv", "mlp.fc", "mlp.gate")   # output features split across tp ranks
-ROW = ("attention.dense", "mlp.proj")              # input features split across tp ranks
+COLUMN = ("attention.qkv", "mlp.fc", "mlp.gate")  # output features split across tp ranks
+ROW = ("attention.dense", "mlp.proj")  # input features split across tp ranks
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 
 
@@ -67,27 +67,28 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(..., out/2, in) int8 bytes holding two signed nibbles along `out` -> (..., out, in) int8."""
     p = packed.view(torch.uint8).to(torch.int16)
     lo, hi = p & 0x0F, (p >> 4) & 0x0F
-    both = torch.stack([lo, hi], dim=-2)                     # (..., out/2, 2, in)
+    both = torch.stack([lo, hi], dim=-2)  # (..., out/2, 2, in)
     both = torch.where(both >= 8, both - 16, both)
     shape = list(packed.shape)
     shape[-2] *= 2
     return both.reshape(shape).to(torch.int8)
 
 
-def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, quant_algo: str | None,
-                      group_size: int | None = None) -> torch.Tensor:
+def dequantize_weight(
+    weight: torch.Tensor, scale: torch.Tensor | None, quant_algo: str | None, group_size: int | None = None
+) -> torch.Tensor:
     """Exported (quantized) weight + weights_scaling_factor -> float32 weight in (…, out, in) layout."""
     if scale is None or weight.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return weight.float()
     scale = scale.float()
-    if weight.dtype == torch.float8_e4m3fn:                      # per-tensor (or per-expert) scale
+    if weight.dtype == torch.float8_e4m3fn:  # per-tensor (or per-expert) scale
         s = scale.reshape(scale.shape + (1,) * (weight.dim() - scale.dim())) if weight.dim() == 3 else scale
         return weight.float() * s
-    if quant_algo and "AWQ" in quant_algo:                       # packed int4, (…, out, in/group) scales
+    if quant_algo and "AWQ" in quant_algo:  # packed int4, (…, out, in/group) scales
         q = unpack_int4(weight).float()
         expand = torch.arange(q.shape[-1]) // int(group_size)
         return q * scale[..., expand]
-    if weight.dtype == torch.int8:                               # INT8 SmoothQuant, per output channel
+    if weight.dtype == torch.int8:  # INT8 SmoothQuant, per output channel
         return weight.float() * scale.reshape(scale.shape + (1,))
     raise CheckpointFormatError(f"cannot dequantize a {weight.dtype} weight for quant_algo={quant_algo}")
 
@@ -122,8 +123,8 @@ def _merge_qkv(parts: list[torch.Tensor], config: dict, tp: int) -> torch.Tensor
     kv_heads = config["num_key_value_heads"]
     kv_ranks = range(0, tp, max(tp // kv_heads, 1)) if tp > kv_heads else range(tp)
     qs = [p[:q] for p in parts]
-    ks = [parts[r][q:q + k] for r in kv_ranks]
-    vs = [parts[r][q + k:q + k + v] for r in kv_ranks]
+    ks = [parts[r][q : q + k] for r in kv_ranks]
+    vs = [parts[r][q + k : q + k + v] for r in kv_ranks]
     return torch.cat(qs + ks + vs, dim=0)
 
 
@@ -142,7 +143,7 @@ def _merge_tp(name: str, parts: list[torch.Tensor], config: dict) -> torch.Tenso
     module, _, leaf = name.rpartition(".")
     short = module.split(".", 3)[-1] if module.startswith("transformer.layers.") else module
     if first.dim() == 0 or first.numel() == 1 or leaf in ("activation_scaling_factor",) or "cache_scaling" in leaf:
-        return first                                             # per-tensor: the same on every rank
+        return first  # per-tensor: the same on every rank
     if short == "attention.qkv":
         if leaf == "prequant_scaling_factor":
             return first
@@ -150,11 +151,11 @@ def _merge_tp(name: str, parts: list[torch.Tensor], config: dict) -> torch.Tenso
     if short in ("mlp.fc", "mlp.gate"):
         if leaf == "prequant_scaling_factor":
             return first
-        if config.get("moe") and short == "mlp.fc":              # (E, 2I/tp, H): [w3_r; w1_r] per rank
+        if config.get("moe") and short == "mlp.fc":  # (E, 2I/tp, H): [w3_r; w1_r] per rank
             halves = [p.chunk(2, dim=1) for p in parts]
             return torch.cat([torch.cat([h[0] for h in halves], 1), torch.cat([h[1] for h in halves], 1)], 1)
         return torch.cat(parts, dim=0)
-    if short in ROW:                                             # weights and pre-quant scales: split on `in`
+    if short in ROW:  # weights and pre-quant scales: split on `in`
         return torch.cat(parts, dim=-1)
     if short == "mlp.router" or "layernorm" in short or name.startswith("transformer.ln_f."):
         return first
@@ -219,8 +220,8 @@ def to_hf_state_dict(merged: dict[str, torch.Tensor], config: dict) -> dict[str,
         sd[dst + "post_attention_layernorm.weight"] = merged[src + "post_layernorm.weight"] - norm_offset
         qkv = merged[src + "attention.qkv.weight"]
         sd[dst + "self_attn.q_proj.weight"] = qkv[:q]
-        sd[dst + "self_attn.k_proj.weight"] = qkv[q:q + k]
-        sd[dst + "self_attn.v_proj.weight"] = qkv[q + k:q + k + v]
+        sd[dst + "self_attn.k_proj.weight"] = qkv[q : q + k]
+        sd[dst + "self_attn.v_proj.weight"] = qkv[q + k : q + k + v]
         sd[dst + "self_attn.o_proj.weight"] = merged[src + "attention.dense.weight"]
         if family == "mixtral":
             moe = dst + "block_sparse_moe."
@@ -328,8 +329,9 @@ def add_activation_quant_hooks(model, merged: dict[str, torch.Tensor], config: d
 
 
 # ---- prompt table (multimodal) -------------------------------------------------------------------
-def prompt_table_embeddings(input_ids: torch.Tensor, embedding: torch.Tensor, prompt_table: torch.Tensor,
-                            vocab_size: int) -> torch.Tensor:
+def prompt_table_embeddings(
+    input_ids: torch.Tensor, embedding: torch.Tensor, prompt_table: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """TensorRT-LLM `PromptTuningEmbedding`: ids < vocab_size look up the vocabulary, ids >= vocab_size
     take row (id - vocab_size) of the flattened [B*T, H] prompt table. (Gemma's sqrt(hidden) scale is applied
     afterwards by the model, to both kinds of rows.)"""

@@ -1,5 +1,7 @@
 """`mgm-build vision`: MGM's vision side (CLIP + ConvNeXt + patch info mining + projector) as ONE
 graph -> ONNX -> TensorRT engine (or the ONNX Runtime CPU artifact), with a parity check per step.
+The stage reads top to bottom (options, export, ONNX parity, build, engine parity, CLI); the graph itself
+is in vision_graph.py, export and FLOP counting in onnx_export.py / onnx_flops.py.
 
     mgm-build vision --model_dir DIR --output_dir OUT [--dtype float16|bfloat16|float32]
                      [--max_batch_size N] [--backend tensorrt|tensorrt_rtx|onnxruntime]
@@ -19,9 +21,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -37,8 +39,8 @@ from build_engines.trt_engine import (
 )
 from build_engines.vision_graph import MGMVisionGraph
 from mgm_ref.errors import CheckpointError, MGMError
-from mgm_runtime.vision_artifact import CONFIG_FILE, MODEL_TYPE
 from mgm_runtime.numerics import rel_l2  # noqa: F401  (tests import it from here)
+from mgm_runtime.vision_artifact import CONFIG_FILE, MODEL_TYPE
 
 INPUT_NAMES = ("images", "images_aux")
 OUTPUT_NAME = "image_features"
@@ -60,14 +62,14 @@ class VisionBuildError(MGMError):
 class VisionGraphSpec:
     """Per-image shapes of the graph's inputs and output, derived from an MGMConfig."""
 
-    images_shape: tuple[int, ...]      # (3, 336, 336) or (5, 3, 336, 336)
+    images_shape: tuple[int, ...]  # (3, 336, 336) or (5, 3, 336, 336)
     images_aux_shape: tuple[int, ...]  # (3, S, S)
     tokens_per_image: int
     hidden_size: int
     hd: bool
 
     @classmethod
-    def from_config(cls, cfg) -> "VisionGraphSpec":
+    def from_config(cls, cfg) -> VisionGraphSpec:
         lr = (3, cfg.lr_size, cfg.lr_size)
         images = (cfg.views_per_image, *lr) if cfg.hd else lr
         return cls(images, (3, cfg.image_size_aux, cfg.image_size_aux), cfg.tokens_per_image, cfg.hidden_size, cfg.hd)
@@ -135,24 +137,47 @@ def check_writable(output_dir: str | Path) -> Path:
     return out
 
 
-def export_vision_onnx(encoder: nn.Module, cfg, onnx_path: str | Path, dtype: str = "float32",
-                       opset: int = DEFAULT_OPSET, exporter: str = "dynamo", export_batch: int = 2,
-                       log: Callable[[str], None] | None = print) -> Path:
+def export_vision_onnx(
+    encoder: nn.Module,
+    cfg,
+    onnx_path: str | Path,
+    dtype: str = "float32",
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    export_batch: int = 2,
+    log: Callable[[str], None] | None = print,
+) -> Path:
     """Export `encoder` (already in `dtype`) as the one-graph vision model with a dynamic batch."""
     spec = VisionGraphSpec.from_config(cfg)
     graph = MGMVisionGraph(encoder).eval()
     dummy = spec.dummy_inputs(export_batch, DTYPES[dtype])
-    return export_onnx(graph, dummy, onnx_path, INPUT_NAMES, [OUTPUT_NAME], spec.dynamic_axes,
-                       opset=opset, exporter=exporter, log=log)
+    return export_onnx(
+        graph, dummy, onnx_path, INPUT_NAMES, [OUTPUT_NAME], spec.dynamic_axes, opset=opset, exporter=exporter, log=log
+    )
 
 
-def artifact_config(cfg, spec: VisionGraphSpec, dtype: str, backend: str, max_batch_size: int, file: str,
-                    io: dict, extra: dict | None = None) -> dict:
+def artifact_config(
+    cfg,
+    spec: VisionGraphSpec,
+    dtype: str,
+    backend: str,
+    max_batch_size: int,
+    file: str,
+    io: dict,
+    extra: dict | None = None,
+) -> dict:
     """The sidecar config.json: everything a server needs to feed the artifact without reading it."""
     lo, opt, hi = batch_profile(max_batch_size)
     per_image = spec.input_shapes
-    inputs = [{"name": t["name"], "dtype": t["dtype"], "shape": [-1, *per_image[t["name"]]],
-               "per_image_shape": list(per_image[t["name"]])} for t in io["inputs"]]
+    inputs = [
+        {
+            "name": t["name"],
+            "dtype": t["dtype"],
+            "shape": [-1, *per_image[t["name"]]],
+            "per_image_shape": list(per_image[t["name"]]),
+        }
+        for t in io["inputs"]
+    ]
     out_dtype = io["outputs"][0]["dtype"]
     config = {
         "model_type": MODEL_TYPE,
@@ -174,15 +199,27 @@ def artifact_config(cfg, spec: VisionGraphSpec, dtype: str, backend: str, max_ba
         "family": cfg.family,
         "onnx_opset": io.get("opset"),
         # what TensorRT-LLM's multimodal runner reads from a vision engine's config.json
-        "builder_config": {"model_type": MODEL_TYPE, "precision": dtype, "max_batch_size": hi,
-                           "strongly_typed": backend != "onnxruntime", "output_shape": [-1, *spec.output_shape]},
+        "builder_config": {
+            "model_type": MODEL_TYPE,
+            "precision": dtype,
+            "max_batch_size": hi,
+            "strongly_typed": backend != "onnxruntime",
+            "output_shape": [-1, *spec.output_shape],
+        },
     }
     config.update(extra or {})
     return config
 
 
-def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dtype: str, batch: int = 1,
-                seed: int = 1234, threads: int | None = None) -> float:
+def verify_onnx(
+    onnx_path: Path,
+    reference: nn.Module,
+    spec: VisionGraphSpec,
+    dtype: str,
+    batch: int = 1,
+    seed: int = 1234,
+    threads: int | None = None,
+) -> float:
     """rel L2 of ONNX Runtime on the graph vs the float32 PyTorch reference, on fresh random inputs."""
     from mgm_runtime.ort_runner import OrtRunner
 
@@ -193,8 +230,9 @@ def verify_onnx(onnx_path: Path, reference: nn.Module, spec: VisionGraphSpec, dt
     return rel_l2(got, want)
 
 
-def verify_engine(engine_path: Path, reference: nn.Module, spec: VisionGraphSpec, backend: str, batch: int = 1,
-                  seed: int = 1234) -> float:
+def verify_engine(
+    engine_path: Path, reference: nn.Module, spec: VisionGraphSpec, backend: str, batch: int = 1, seed: int = 1234
+) -> float:
     """rel L2 of the engine (GPU) vs the float32 PyTorch reference (on the GPU too)."""
     from mgm_runtime.trt_runner import TrtRunner
 
@@ -228,11 +266,23 @@ def engine_cannot_run_here(backend: str, compute_capabilities: list[str] | None 
     return None
 
 
-def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "float16", max_batch_size: int = 4,
-                 backend: str = "tensorrt", timing_cache: str | Path | None = None, keep_onnx: bool = False,
-                 opset: int = DEFAULT_OPSET, exporter: str = "dynamo", verify: bool = True,
-                 compute_capabilities: list[str] | None = None, workspace_gb: float | None = None,
-                 log: Callable[[str], None] | None = None, source: dict | None = None) -> dict:
+def build_vision(
+    encoder: nn.Module,
+    cfg,
+    output_dir: str | Path,
+    dtype: str = "float16",
+    max_batch_size: int = 4,
+    backend: str = "tensorrt",
+    timing_cache: str | Path | None = None,
+    keep_onnx: bool = False,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    verify: bool = True,
+    compute_capabilities: list[str] | None = None,
+    workspace_gb: float | None = None,
+    log: Callable[[str], None] | None = None,
+    source: dict | None = None,
+) -> dict:
     """Export a float32 `encoder` in `dtype`, verify, build for `backend`, write the artifact folder.
 
     Returns the artifact's config dict (also written to `output_dir/config.json`).
@@ -247,9 +297,11 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
 
     onnx_dir = out if backend == "onnxruntime" else out / "onnx"
     onnx_path = onnx_dir / ONNX_FILE
-    log(f"step 1/3: exporting the vision graph to ONNX ({dtype}, {'HD' if spec.hd else 'normal'}: "
+    log(
+        f"step 1/3: exporting the vision graph to ONNX ({dtype}, {'HD' if spec.hd else 'normal'}: "
         f"images {list(spec.images_shape)}, images_aux {list(spec.images_aux_shape)} -> "
-        f"{list(spec.output_shape)} per image; full-size models take minutes)")
+        f"{list(spec.output_shape)} per image; full-size models take minutes)"
+    )
     export_vision_onnx(target, cfg, onnx_path, dtype, opset=opset, exporter=exporter, log=log)
     io = describe_io(onnx_path)
     del target
@@ -261,11 +313,20 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
         extra["parity"] = {"onnxruntime_vs_pytorch_fp32_rel_l2": err}
         log(f"ONNX Runtime vs PyTorch float32: relative L2 {err:.2e} (limit {VERIFY_TOLERANCE[dtype]:.0e})")
         if not err <= VERIFY_TOLERANCE[dtype]:
-            raise VisionBuildError(f"the exported {dtype} graph does not match PyTorch: relative L2 {err:.3e} > "
-                                   f"{VERIFY_TOLERANCE[dtype]:.0e} ({onnx_path} kept for inspection)")
+            raise VisionBuildError(
+                f"the exported {dtype} graph does not match PyTorch: relative L2 {err:.3e} > "
+                f"{VERIFY_TOLERANCE[dtype]:.0e} ({onnx_path} kept for inspection)"
+            )
     else:
-        log("step 2/3: ONNX Runtime check skipped (" + ("--no_verify" if not verify else
-            "ONNX Runtime has no bfloat16 CPU kernels; the engine is checked on a GPU instead") + ")")
+        log(
+            "step 2/3: ONNX Runtime check skipped ("
+            + (
+                "--no_verify"
+                if not verify
+                else "ONNX Runtime has no bfloat16 CPU kernels; the engine is checked on a GPU instead"
+            )
+            + ")"
+        )
 
     if backend == "onnxruntime":
         file = ONNX_FILE
@@ -275,16 +336,30 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
         file = ENGINE_FILE
         if timing_cache is None and backend == "tensorrt":
             timing_cache = out / "timing.cache"
-        log(f"step 3/3: building a strongly typed {backend} engine (batch min/opt/max "
-            f"{'/'.join(map(str, batch_profile(max_batch_size)))})")
+        log(
+            f"step 3/3: building a strongly typed {backend} engine (batch min/opt/max "
+            f"{'/'.join(map(str, batch_profile(max_batch_size)))})"
+        )
         try:
-            result = build_engine(onnx_path, out / ENGINE_FILE, spec.profiles(max_batch_size), backend=backend,
-                                  timing_cache=timing_cache, compute_capabilities=compute_capabilities,
-                                  workspace_bytes=int(workspace_gb * 2**30) if workspace_gb else None, log=log)
+            result = build_engine(
+                onnx_path,
+                out / ENGINE_FILE,
+                spec.profiles(max_batch_size),
+                backend=backend,
+                timing_cache=timing_cache,
+                compute_capabilities=compute_capabilities,
+                workspace_bytes=int(workspace_gb * 2**30) if workspace_gb else None,
+                log=log,
+            )
         except EngineBuildError as e:
             raise VisionBuildError(f"{e}\n(the ONNX graph is kept at {onnx_path})") from e
-        extra.update({"library": {"name": trt.__name__, "version": trt.__version__},
-                      "build_seconds": round(result.build_seconds, 1), "files": [ENGINE_FILE]})
+        extra.update(
+            {
+                "library": {"name": trt.__name__, "version": trt.__version__},
+                "build_seconds": round(result.build_seconds, 1),
+                "files": [ENGINE_FILE],
+            }
+        )
         if keep_onnx:
             extra["onnx"] = str(onnx_path.relative_to(out))
         reason = "--no_verify" if not verify else engine_cannot_run_here(backend, compute_capabilities)
@@ -292,13 +367,17 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
             try:
                 err = verify_engine(out / ENGINE_FILE, reference, spec, backend)
             except Exception as e:
-                raise VisionBuildError(f"the {backend} engine was built but running it on this GPU failed: "
-                                       f"{type(e).__name__}: {e} ({out / ENGINE_FILE} kept for inspection)") from e
+                raise VisionBuildError(
+                    f"the {backend} engine was built but running it on this GPU failed: "
+                    f"{type(e).__name__}: {e} ({out / ENGINE_FILE} kept for inspection)"
+                ) from e
             extra.setdefault("parity", {})[f"{backend}_vs_pytorch_fp32_rel_l2"] = err
             log(f"engine vs PyTorch float32 on the GPU: relative L2 {err:.2e} (limit {VERIFY_TOLERANCE[dtype]:.0e})")
             if not err <= VERIFY_TOLERANCE[dtype]:
-                raise VisionBuildError(f"the {dtype} {backend} engine does not match PyTorch: relative L2 {err:.3e} > "
-                                       f"{VERIFY_TOLERANCE[dtype]:.0e} ({out / ENGINE_FILE} kept for inspection)")
+                raise VisionBuildError(
+                    f"the {dtype} {backend} engine does not match PyTorch: relative L2 {err:.3e} > "
+                    f"{VERIFY_TOLERANCE[dtype]:.0e} ({out / ENGINE_FILE} kept for inspection)"
+                )
         else:
             log(f"engine run check skipped: {reason}; the engine was built, not run")
 
@@ -321,21 +400,41 @@ def build_vision(encoder: nn.Module, cfg, output_dir: str | Path, dtype: str = "
 def add_vision_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model_dir", required=True, help="local MGM checkpoint folder (config.json + safetensors)")
     parser.add_argument("--output_dir", required=True, help="artifact folder: model.engine|model.onnx + config.json")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="precision of the exported graph, hence of the engine "
-                             "(default: float16 for TensorRT, float32 for onnxruntime)")
-    parser.add_argument("--max_batch_size", type=int, default=4,
-                        help="images per engine call; profile min 1 / opt max//2 / max (default 4)")
-    parser.add_argument("--backend", choices=BACKENDS, default="tensorrt",
-                        help="tensorrt: engine for GPU hosts; tensorrt_rtx: same build with TensorRT-RTX "
-                             "(builds without a GPU; CI's parse+build check); onnxruntime: the CPU artifact")
-    parser.add_argument("--timing_cache", default=None,
-                        help="TensorRT timing cache file, read and updated (default: OUTPUT_DIR/timing.cache)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="precision of the exported graph, hence of the engine "
+        "(default: float16 for TensorRT, float32 for onnxruntime)",
+    )
+    parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=4,
+        help="images per engine call; profile min 1 / opt max//2 / max (default 4)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="tensorrt",
+        help="tensorrt: engine for GPU hosts; tensorrt_rtx: same build with TensorRT-RTX "
+        "(builds without a GPU; CI's parse+build check); onnxruntime: the CPU artifact",
+    )
+    parser.add_argument(
+        "--timing_cache",
+        default=None,
+        help="TensorRT timing cache file, read and updated (default: OUTPUT_DIR/timing.cache)",
+    )
     parser.add_argument("--keep_onnx", action="store_true", help="keep OUTPUT_DIR/onnx/model.onnx beside the engine")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (dynamo uses >= 18)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx exporter")
-    parser.add_argument("--compute_capability", action="append", default=None, metavar="SMxx",
-                        help="TensorRT-RTX target GPU architecture(s), e.g. SM86 (repeatable)")
+    parser.add_argument(
+        "--compute_capability",
+        action="append",
+        default=None,
+        metavar="SMxx",
+        help="TensorRT-RTX target GPU architecture(s), e.g. SM86 (repeatable)",
+    )
     parser.add_argument("--workspace_gb", type=float, default=None, help="TensorRT builder workspace limit")
     parser.add_argument("--no_verify", action="store_true", help="skip the parity checks against PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -361,10 +460,21 @@ def run_vision_build(args: argparse.Namespace) -> dict:
     cfg = MGMConfig.from_model_dir(model_dir)
     encoder = load_vision(model_dir, dtype=torch.float32, device="cpu", config=cfg)
     return build_vision(
-        encoder, cfg, args.output_dir, dtype=dtype, max_batch_size=args.max_batch_size, backend=args.backend,
-        timing_cache=args.timing_cache, keep_onnx=args.keep_onnx, opset=args.opset, exporter=args.exporter,
-        verify=not args.no_verify, compute_capabilities=args.compute_capability, workspace_gb=args.workspace_gb,
-        log=log, source={"model_dir": str(model_dir.resolve())},
+        encoder,
+        cfg,
+        args.output_dir,
+        dtype=dtype,
+        max_batch_size=args.max_batch_size,
+        backend=args.backend,
+        timing_cache=args.timing_cache,
+        keep_onnx=args.keep_onnx,
+        opset=args.opset,
+        exporter=args.exporter,
+        verify=not args.no_verify,
+        compute_capabilities=args.compute_capability,
+        workspace_gb=args.workspace_gb,
+        log=log,
+        source={"model_dir": str(model_dir.resolve())},
     )
 
 
@@ -372,7 +482,8 @@ def register_command(subparsers) -> None:
     """`mgm-build vision` (the mgm_build.commands entry point)."""
     help_text = "vision towers + mining + projector -> ONNX / TensorRT"
     add_vision_arguments(subparsers.add_parser("vision", help=help_text, description=help_text)).set_defaults(
-        run=run_vision_build)
+        run=run_vision_build
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

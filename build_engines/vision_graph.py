@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mgm_ref.vision import MGMVisionEncoder, ln_linear, window_hr_features
+from mgm_ref.vision import MGMVisionEncoder, ln_linear
 
 
 class ReassociatedMining(nn.Module):
@@ -55,8 +55,9 @@ class ReassociatedMining(nn.Module):
         m = h // ph
         shape = tuple(self.key_norm.normalized_shape)  # static, so traced exports keep it a constant
         normed_k = F.layer_norm(hr, shape, eps=self.key_norm.eps)
-        normed_v = normed_k if self.value_norm.eps == self.key_norm.eps else \
-            F.layer_norm(hr, shape, eps=self.value_norm.eps)
+        normed_v = (
+            normed_k if self.value_norm.eps == self.key_norm.eps else F.layer_norm(hr, shape, eps=self.value_norm.eps)
+        )
 
         query = self.query(lr)  # (B, N, D)
         # (g_k * W_k^T q_i) / s per token, laid out like the windows: (B, Ph, 1, Pw, C, 1)
@@ -84,8 +85,10 @@ def hr_features_nhwc(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         outputs.append(x)
     size = outputs[0].shape[-2:]
     return torch.cat(
-        [F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype).permute(0, 2, 3, 1)
-         for o in outputs],
+        [
+            F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype).permute(0, 2, 3, 1)
+            for o in outputs
+        ],
         dim=-1,
     )
 
@@ -130,8 +133,8 @@ class MGMVisionGraph(nn.Module):
         n_crops = g * g
         lr = self.vision_tower(torch.cat([images[:, :n_crops].flatten(0, 1), images[:, n_crops]]))
         n, d = lr.shape[1], lr.shape[2]
-        p = int(n ** 0.5)
-        lr_crops, lr_global = lr[: b * n_crops], lr[b * n_crops:]
+        p = int(n**0.5)
+        lr_crops, lr_global = lr[: b * n_crops], lr[b * n_crops :]
         # The crops' windows are the full map's windows: mine all crops at once on a (g*P) x (g*P)
         # token grid over the whole map, then put the tokens back in crop order (TL, TR, BL, BR).
         grid_tokens = lr_crops.reshape(b, g, g, p, p, d).permute(0, 1, 3, 2, 4, 5).reshape(b, n_crops * n, d)
@@ -164,13 +167,16 @@ def random_mining_projectors(c_lr: int, c_hr: int, seed: int = 0) -> nn.Module:
     defaults, gamma 1 and beta 0, would hide mistakes in how the re-associated form uses them)."""
     g = torch.Generator().manual_seed(seed)
     holder = nn.Module()
-    for name, (i, o) in {"vlm_uni_query_projector": (c_lr, c_lr), "vlm_uni_aux_projector": (c_hr, c_lr),
-                         "vlm_uni_val_projector": (c_hr, c_lr)}.items():
+    for name, (i, o) in {
+        "vlm_uni_query_projector": (c_lr, c_lr),
+        "vlm_uni_aux_projector": (c_hr, c_lr),
+        "vlm_uni_val_projector": (c_hr, c_lr),
+    }.items():
         block = ln_linear(i, o)
         with torch.no_grad():
             block[0].weight.copy_(1 + 0.5 * torch.randn(i, generator=g))
             block[0].bias.copy_(0.5 * torch.randn(i, generator=g))
-            block[1].weight.copy_(torch.randn(o, i, generator=g) / i ** 0.5)
+            block[1].weight.copy_(torch.randn(o, i, generator=g) / i**0.5)
             block[1].bias.copy_(0.5 * torch.randn(o, generator=g))
         setattr(holder, name, block)
     return holder.eval()

@@ -58,13 +58,23 @@ def load_images(paths: Sequence[str | Path]) -> list[bytes]:
 
 def add_client_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
-    g.add_argument("--url", default=None, help="host:port of the Triton server "
-                   "(default localhost:8001 for grpc, localhost:8000 for http)")
+    g.add_argument(
+        "--url",
+        default=None,
+        help="host:port of the Triton server (default localhost:8001 for grpc, localhost:8000 for http)",
+    )
     g.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    g.add_argument("--model", choices=("mgm_bls", "ensemble"), default="mgm_bls",
-                   help="mgm_bls streams token by token; ensemble sends the answer in one piece")
-    g.add_argument("--model_name", default=None,
-                   help="variant added with `mgm-build repo --name NAME` (its models are NAME_mgm_bls, ...)")
+    g.add_argument(
+        "--model",
+        choices=("mgm_bls", "ensemble"),
+        default="mgm_bls",
+        help="mgm_bls streams token by token; ensemble sends the answer in one piece",
+    )
+    g.add_argument(
+        "--model_name",
+        default=None,
+        help="variant added with `mgm-build repo --name NAME` (its models are NAME_mgm_bls, ...)",
+    )
     g.add_argument("--ready_timeout", type=float, default=10.0, help="seconds to wait for the model to be ready")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
     g = p.add_argument_group("request")
@@ -82,8 +92,11 @@ def add_client_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--gen", action="store_true", help="ask for an image prompt (<GEN>) and render it")
     g.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for --gen (never downloaded)")
     g.add_argument("--output_file", default=DEFAULT_OUTPUT, help="where --gen saves the image")
-    p.add_argument("--debug", action="store_true",
-                   help="print the question as sent (and the prompt with --conv_mode); tracebacks of errors too")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the question as sent (and the prompt with --conv_mode); tracebacks of errors too",
+    )
     return p
 
 
@@ -94,8 +107,7 @@ def note(message: str) -> None:
 class Chat:
     """One conversation: the images, the OCR tokens found in them, and the turns so far."""
 
-    def __init__(self, client: MGMClient, images: list[bytes], args: argparse.Namespace,
-                 out: Callable[[str], None]):
+    def __init__(self, client: MGMClient, images: list[bytes], args: argparse.Namespace, out: Callable[[str], None]):
         self.client, self.images, self.args, self.out = client, images, args, out
         self.history: list[tuple[str, str]] = []
         self.ocr = ""
@@ -110,9 +122,17 @@ class Chat:
             note(f"question: {sent!r}")
             if args.conv_mode:
                 from mgm_ref.conversation import build_prompt
+
                 note(f"prompt: {build_prompt(args.conv_mode, sent, len(self.images), self.history)!r}")
-        kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, seed=args.seed, conv_mode=args.conv_mode, history=list(self.history))
+        kwargs = dict(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            conv_mode=args.conv_mode,
+            history=list(self.history),
+        )
         if args.stream:
             answer = self.client.stream_answer(sent, self.images, on_delta=self.out, **kwargs)
         else:
@@ -142,9 +162,12 @@ def run(args: argparse.Namespace, client_factory=MGMClient) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise ClientError("--prompt is empty")
     images = load_images(args.image)
-    client = client_factory(args.url or DEFAULT_URLS[args.protocol], protocol=args.protocol,
-                            model=f"{args.model_name}_{args.model}" if args.model_name else args.model,
-                            timeout_s=args.timeout)
+    client = client_factory(
+        args.url or DEFAULT_URLS[args.protocol],
+        protocol=args.protocol,
+        model=f"{args.model_name}_{args.model}" if args.model_name else args.model,
+        timeout_s=args.timeout,
+    )
     client.wait_ready(args.ready_timeout)
     chat = Chat(client, images, args, _write)
     if args.prompt is not None:
@@ -169,8 +192,11 @@ def run(args: argparse.Namespace, client_factory=MGMClient) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_client_arguments(argparse.ArgumentParser(
-        prog="mgm-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = add_client_arguments(
+        argparse.ArgumentParser(
+            prog="mgm-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+    )
     args = parser.parse_args(argv)
     try:
         return run_cli("mgm-client", lambda: run(args), debug=args.debug)

@@ -8,8 +8,8 @@ Needs both builder and serving sides (`mgm-build vision`, `mgm-build repo`), hen
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 TINY_NAME = "tiny-mgm-llama"
 
@@ -25,8 +25,13 @@ def tiny_checkpoint(work: Path, log: Callable[[str], None] = print) -> Path:
     return model_dir
 
 
-def prepare_cpu_repo(model_dir: Path | None, work: Path, max_batch_size: int = 8,
-                     log: Callable[[str], None] = print, verify: bool = False) -> tuple[Path, Path]:
+def prepare_cpu_repo(
+    model_dir: Path | None,
+    work: Path,
+    max_batch_size: int = 8,
+    log: Callable[[str], None] = print,
+    verify: bool = False,
+) -> tuple[Path, Path]:
     """(checkpoint, model repository) under `work`; `model_dir` None: the built-in tiny checkpoint.
 
     The vision artifact (ONNX Runtime, float32) is built once per checkpoint folder and reused; the
@@ -45,7 +50,15 @@ def prepare_cpu_repo(model_dir: Path | None, work: Path, max_batch_size: int = 8
     if not (engines / "vision" / "config.json").is_file():
         log("building the vision artifact (ONNX Runtime, float32)")
         cfg = MGMConfig.from_model_dir(model_dir)
-        build_vision(load_vision(model_dir, config=cfg), cfg, engines / "vision", dtype="float32",
-                     backend="onnxruntime", max_batch_size=4, verify=verify, log=log if verify else lambda m: None)
+        build_vision(
+            load_vision(model_dir, config=cfg),
+            cfg,
+            engines / "vision",
+            dtype="float32",
+            backend="onnxruntime",
+            max_batch_size=4,
+            verify=verify,
+            log=log if verify else lambda m: None,
+        )
     repo = build_repo(model_dir, engines, work / "repo", backend="cpu", max_batch_size=max_batch_size)
     return model_dir, repo

@@ -23,8 +23,11 @@ def step(message: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default=os.environ.get("MGM_MODEL_DIR"),
-                   help="MGM checkpoint folder (default: $MGM_MODEL_DIR, else the built-in tiny model)")
+    p.add_argument(
+        "--model_dir",
+        default=os.environ.get("MGM_MODEL_DIR"),
+        help="MGM checkpoint folder (default: $MGM_MODEL_DIR, else the built-in tiny model)",
+    )
     p.add_argument("--image", default=None, help="image to ask about (default: a generated scene)")
     p.add_argument("--prompt", default="What is shown in this image?")
     p.add_argument("--max_tokens", type=int, default=32)
@@ -49,12 +52,19 @@ def main(argv=None) -> int:
         client.wait_ready()
         step(f"server ready in {startup:.1f} s; asking over gRPC (streaming): {args.prompt!r} about {image}")
         print("ASSISTANT: ", end="", flush=True)
-        answer = client.stream_answer(args.prompt, [image], max_tokens=args.max_tokens, temperature=0.0,
-                                      on_delta=lambda d: print(d, end="", flush=True))
+        answer = client.stream_answer(
+            args.prompt,
+            [image],
+            max_tokens=args.max_tokens,
+            temperature=0.0,
+            on_delta=lambda d: print(d, end="", flush=True),
+        )
         print()
-        print(f"[demo] {answer.output_tokens} tokens; time to first token {answer.ttft_ms:.0f} ms (server), "
-              f"{(answer.client_ttft_s or 0) * 1000:.0f} ms (client); total {answer.latency_s * 1000:.0f} ms; "
-              f"{answer.output_tokens / max(answer.latency_s, 1e-9):.1f} tokens/s")
+        print(
+            f"[demo] {answer.output_tokens} tokens; time to first token {answer.ttft_ms:.0f} ms (server), "
+            f"{(answer.client_ttft_s or 0) * 1000:.0f} ms (client); total {answer.latency_s * 1000:.0f} ms; "
+            f"{answer.output_tokens / max(answer.latency_s, 1e-9):.1f} tokens/s"
+        )
     step("server stopped")
     return 0
 

@@ -48,7 +48,7 @@ def extract_image_prompt(answer: str) -> str | None:
     start = answer.rfind(OPEN, 0, end)
     if start < 0:
         return None
-    prompt = answer[start + len(OPEN):end].strip()
+    prompt = answer[start + len(OPEN) : end].strip()
     return prompt or None
 
 
@@ -67,9 +67,9 @@ def unavailable_reason(sd_model: str | Path | None) -> str | None:
 
 @dataclass
 class GenResult:
-    prompt: str | None          # the extracted SD prompt, None when the answer had no <h> span
-    image_path: Path | None     # where the rendered image was saved, None when nothing was rendered
-    note: str = ""              # why nothing was rendered
+    prompt: str | None  # the extracted SD prompt, None when the answer had no <h> span
+    image_path: Path | None  # where the rendered image was saved, None when nothing was rendered
+    note: str = ""  # why nothing was rendered
 
 
 _pipelines: dict[str, object] = {}
@@ -88,7 +88,8 @@ def render_image(prompt: str, sd_model: str | Path, output_file: str | Path = DE
         cuda = torch.cuda.is_available()
         try:
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                str(sd_model), local_files_only=True, torch_dtype=torch.float16 if cuda else torch.float32)
+                str(sd_model), local_files_only=True, torch_dtype=torch.float16 if cuda else torch.float32
+            )
         except Exception as e:  # noqa: BLE001 - diffusers raises many kinds for a bad folder
             raise ClientError(f"cannot load the SDXL pipeline from {sd_model}: {e}") from None
         _pipelines[key] = pipe.to("cuda") if cuda else pipe
@@ -99,13 +100,17 @@ def render_image(prompt: str, sd_model: str | Path, output_file: str | Path = DE
     return out
 
 
-def generate_from_answer(answer: str, sd_model: str | Path | None,
-                         output_file: str | Path = DEFAULT_OUTPUT) -> GenResult:
+def generate_from_answer(
+    answer: str, sd_model: str | Path | None, output_file: str | Path = DEFAULT_OUTPUT
+) -> GenResult:
     """Extract the SD prompt from an answer and render it when this machine can; never downloads."""
     prompt = extract_image_prompt(answer)
     if prompt is None:
-        return GenResult(None, None, "the answer has no <h>...</h> image prompt, so no image was rendered "
-                                     "(small models often emit none)")
+        return GenResult(
+            None,
+            None,
+            "the answer has no <h>...</h> image prompt, so no image was rendered (small models often emit none)",
+        )
     reason = unavailable_reason(sd_model)
     if reason:
         return GenResult(prompt, None, reason)

@@ -24,7 +24,7 @@ from mgm_ref.errors import MGMError
 
 IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 DEFAULT_BACKEND_DIR = Path("/opt/tritonserver/backends")
-MARGIN = 0.05            # logits closer than this at a step: fp16 may legitimately pick the other token
+MARGIN = 0.05  # logits closer than this at a step: fp16 may legitimately pick the other token
 MAX_TOKENS = 12
 
 
@@ -54,6 +54,7 @@ def preflight(backend_dir: Path = DEFAULT_BACKEND_DIR) -> list[Check]:
     checks = []
     try:
         import torch
+
         gpu = torch.cuda.is_available()
         checks.append(Check("CUDA GPU", gpu, torch.cuda.get_device_name(0) if gpu else "torch sees no CUDA GPU"))
     except ImportError:
@@ -61,6 +62,7 @@ def preflight(backend_dir: Path = DEFAULT_BACKEND_DIR) -> list[Check]:
     checks.append(Check("TensorRT", *_module("tensorrt")))
     checks.append(Check("TensorRT-LLM", *_module("tensorrt_llm")))
     from build_engines.trtllm import find_trtllm_build
+
     exe = find_trtllm_build()
     checks.append(Check("trtllm-build", exe is not None, exe or "not on PATH"))
     server = shutil.which("tritonserver")
@@ -79,9 +81,11 @@ def require(checks: list[Check]) -> None:
     missing = [c for c in checks if not c.ok]
     if missing:
         raise SelftestError(
-            "cannot run the GPU selftest here; missing: " + "; ".join(f"{c.name} ({c.detail})" for c in missing)
+            "cannot run the GPU selftest here; missing: "
+            + "; ".join(f"{c.name} ({c.detail})" for c in missing)
             + f". Run it on a GPU host inside {IMAGE}: docker run --rm --gpus all mgm-deploy "
-            "python -m client.gpu_selftest")
+            "python -m client.gpu_selftest"
+        )
 
 
 def reference_prefix(ref, prompt: str, images: list[bytes]) -> list[int]:
@@ -138,12 +142,32 @@ def full_run(work: Path, backend_dir: Path) -> int:
     ckpt = write_tiny_checkpoint(work / "checkpoint", "llama", seed=0)
     engines, repo = work / "engines", work / "repo"
     steps = [
-        ["vision", "--model_dir", str(ckpt), "--output_dir", str(engines / "vision"), "--dtype", "float16",
-         "--backend", "tensorrt"],
-        ["llm", "--model_dir", str(ckpt), "--output_dir", str(engines / "llm"), "--dtype", "float16",
-         "--max_batch_size", "4", "--max_images_per_request", "2", "--build"],
-        ["repo", "--model_dir", str(ckpt), "--engine_dir", str(engines), "--output_dir", str(repo),
-         "--backend", "gpu"],
+        [
+            "vision",
+            "--model_dir",
+            str(ckpt),
+            "--output_dir",
+            str(engines / "vision"),
+            "--dtype",
+            "float16",
+            "--backend",
+            "tensorrt",
+        ],
+        [
+            "llm",
+            "--model_dir",
+            str(ckpt),
+            "--output_dir",
+            str(engines / "llm"),
+            "--dtype",
+            "float16",
+            "--max_batch_size",
+            "4",
+            "--max_images_per_request",
+            "2",
+            "--build",
+        ],
+        ["repo", "--model_dir", str(ckpt), "--engine_dir", str(engines), "--output_dir", str(repo), "--backend", "gpu"],
     ]
     for argv in steps:
         print(f"mgm-build {' '.join(argv)}")
@@ -163,8 +187,13 @@ def full_run(work: Path, backend_dir: Path) -> int:
                     answer = client.generate(prompt, images, max_tokens=MAX_TOKENS, temperature=0.0)
                     want_text = ref.decode(want).strip()
                     ok = answer.text.strip().startswith(want_text)
-                    rows.append((f"{model} / {name}", ok,
-                                 f"reference {want_text!r} ({len(want)} tokens above the margin); got {answer.text!r}"))
+                    rows.append(
+                        (
+                            f"{model} / {name}",
+                            ok,
+                            f"reference {want_text!r} ({len(want)} tokens above the margin); got {answer.text!r}",
+                        )
+                    )
                 except Exception as e:  # noqa: BLE001 - every request is one row of the table
                     rows.append((f"{model} / {name}", False, f"{type(e).__name__}: {e}"))
     finally:

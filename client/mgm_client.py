@@ -17,9 +17,9 @@ import queue
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -34,8 +34,8 @@ class ClientError(MGMError, RuntimeError):
 class Answer:
     text: str
     output_tokens: int = 0
-    ttft_ms: float = 0.0               # server-side, from the BLS
-    latency_s: float = 0.0             # client-side, whole request
+    ttft_ms: float = 0.0  # server-side, from the BLS
+    latency_s: float = 0.0  # client-side, whole request
     client_ttft_s: float | None = None  # client-side, first streamed text
     chunks: list[str] = field(default_factory=list)
 
@@ -72,8 +72,12 @@ class RequestSpec:
             out["image_input"] = np.frombuffer(b"".join(blobs), np.uint8)
             if len(blobs) > 1:
                 out["image_sizes"] = np.array([len(b) for b in blobs], np.int32)
-        optional = {"temperature": (self.temperature, np.float32), "top_p": (self.top_p, np.float32),
-                    "top_k": (self.top_k, np.int32), "seed": (self.seed, np.uint64)}
+        optional = {
+            "temperature": (self.temperature, np.float32),
+            "top_p": (self.top_p, np.float32),
+            "top_k": (self.top_k, np.int32),
+            "seed": (self.seed, np.uint64),
+        }
         for name, (value, dtype) in optional.items():
             if value is not None:
                 out[name] = np.array([value], dtype)
@@ -85,8 +89,9 @@ class RequestSpec:
 
 
 class MGMClient:
-    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "mgm_bls",
-                 timeout_s: float = 600.0):
+    def __init__(
+        self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "mgm_bls", timeout_s: float = 600.0
+    ):
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol must be grpc or http, got {protocol!r}")
         self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
@@ -108,6 +113,7 @@ class MGMClient:
     def _model_ready(self) -> bool:
         if self.protocol == "grpc":
             import tritonclient.grpc as grpcclient
+
             return grpcclient.InferenceServerClient(self.url).is_model_ready(self.model)
         with urllib.request.urlopen(f"http://{self.url}/v2/models/{self.model}/ready", timeout=5) as r:
             return r.status == 200
@@ -165,8 +171,9 @@ class MGMClient:
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         try:
-            client.start_stream(callback=lambda result, error: results.put((result, error)),
-                                stream_timeout=self.timeout_s)
+            client.start_stream(
+                callback=lambda result, error: results.put((result, error)), stream_timeout=self.timeout_s
+            )
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             while True:
                 try:
@@ -190,14 +197,19 @@ class MGMClient:
                 client.close()
 
     def _http(self, tensors: dict[str, np.ndarray], stream: bool) -> Iterator[dict]:
-        body = {name: (value.tolist() if value.dtype != np.object_ else value[0].decode())
-                for name, value in tensors.items()}
+        body = {
+            name: (value.tolist() if value.dtype != np.object_ else value[0].decode())
+            for name, value in tensors.items()
+        }
         for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stream"):
             if name in body:
                 body[name] = body[name][0]
         endpoint = "generate_stream" if stream else "generate"
-        req = urllib.request.Request(f"http://{self.url}/v2/models/{self.model}/{endpoint}",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://{self.url}/v2/models/{self.model}/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 if not stream:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 
 from client.mgm_client import ClientError
 
-MIN_CONFIDENCE = 0.1          # the original keeps texts with confidence > 0.1
+MIN_CONFIDENCE = 0.1  # the original keeps texts with confidence > 0.1
 OCR_PREFIX = "\nReference OCR Token: "
 
 
@@ -42,8 +42,8 @@ def _engine():
     return RapidOCR()
 
 
-_lock = threading.Lock()            # one OCR run at a time: the engine is not documented as thread-safe
-_cache: dict[str, list[str]] = {}   # sha256 of the image bytes -> texts (the web demo asks once per turn)
+_lock = threading.Lock()  # one OCR run at a time: the engine is not documented as thread-safe
+_cache: dict[str, list[str]] = {}  # sha256 of the image bytes -> texts (the web demo asks once per turn)
 _CACHE_SIZE = 32
 
 

@@ -17,9 +17,9 @@ import re
 import shutil
 import subprocess
 import sysconfig
+from collections.abc import Sequence
 from ctypes.util import find_library
 from pathlib import Path
-from typing import Sequence
 
 from mgm_ref.errors import MGMError
 from triton_models.server import bundled_libs_dir, cache_root
@@ -43,7 +43,8 @@ def find_perf_analyzer() -> Path:
             return path
     raise PerfAnalyzerError(
         "perf_analyzer not found: `pip install tritonclient[all]==2.51.0` ships it in the venv's "
-        "bin/ (newer wheels need glibc >= 2.38), or use the NGC tritonserver *-py3-sdk image")
+        "bin/ (newer wheels need glibc >= 2.38), or use the NGC tritonserver *-py3-sdk image"
+    )
 
 
 def _bundled_lib(libs_dir: Path, soname: str) -> Path | None:
@@ -79,27 +80,26 @@ def perf_analyzer_env(base: dict[str, str] | None = None) -> dict[str, str]:
     if missing:
         raise PerfAnalyzerError(
             f"perf_analyzer needs {missing}: `pip install nvidia-pytriton==0.7.0` (bundles them), "
-            "or `apt-get install libb64-0d` and `pip install nvidia-cuda-runtime-cu12`")
+            "or `apt-get install libb64-0d` and `pip install nvidia-cuda-runtime-cu12`"
+        )
     if shim.is_dir():
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            p for p in (str(shim), env.get("LD_LIBRARY_PATH")) if p)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(shim), env.get("LD_LIBRARY_PATH")) if p)
     return env
 
 
-def run_perf_analyzer(args: Sequence[str], timeout: float = 120.0,
-                      check: bool = True) -> subprocess.CompletedProcess:
+def run_perf_analyzer(args: Sequence[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
     """Run perf_analyzer with `args`; PerfAnalyzerError with its output when it fails."""
     cmd = [str(find_perf_analyzer()), *args]
     try:
-        result = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True,
-                                timeout=timeout)
+        result = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:  # seen once: it wrote its results, then did not exit
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
         result = subprocess.CompletedProcess(cmd, 124, out, err + f"\nperf_analyzer timed out after {timeout:.0f} s")
     if check and result.returncode != 0:
-        raise PerfAnalyzerError(f"{' '.join(cmd)} exited with {result.returncode}:\n"
-                                f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise PerfAnalyzerError(
+            f"{' '.join(cmd)} exited with {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -110,13 +110,15 @@ class PerfRow:
     latency_us: float  # average client latency (for --streaming: the whole stream)
 
 
-_SUMMARY = re.compile(r"Concurrency:\s*(\d+),\s*throughput:\s*([\d.eE+-]+)\s*infer/sec,"
-                      r"\s*latency\s*([\d.eE+-]+)\s*usec")
+_SUMMARY = re.compile(
+    r"Concurrency:\s*(\d+),\s*throughput:\s*([\d.eE+-]+)\s*infer/sec,"
+    r"\s*latency\s*([\d.eE+-]+)\s*usec"
+)
 
 
 def parse_summary(stdout: str) -> list[PerfRow]:
     """The closing `Concurrency: N, throughput: X infer/sec, latency Y usec` lines."""
-    rows = [PerfRow(int(c), float(t), float(l)) for c, t, l in _SUMMARY.findall(stdout)]
+    rows = [PerfRow(int(c), float(t), float(lat)) for c, t, lat in _SUMMARY.findall(stdout)]
     if not rows:
         raise PerfAnalyzerError(f"no throughput summary in perf_analyzer output:\n{stdout[-2000:]}")
     return rows

@@ -11,4 +11,4 @@ Where things are made:
 - cli.py           `python -m mgm_ref.cli`
 """
 
-from mgm_ref.errors import MGMError, CheckpointError, ImageError, PromptError  # noqa: F401
+from mgm_ref.errors import CheckpointError, ImageError, MGMError, PromptError  # noqa: F401

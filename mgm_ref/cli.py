@@ -1,7 +1,7 @@
 """Chat with an MGM checkpoint like the original CLI, or answer one prompt and exit.
 
-    python -m mgm_ref.cli --model-path DIR --image-file IMG [--prompt TEXT] [--temperature 0]
-                          [--max-new-tokens N] [--conv-mode M] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
+python -m mgm_ref.cli --model-path DIR --image-file IMG [--prompt TEXT] [--temperature 0]
+                      [--max-new-tokens N] [--conv-mode M] [--dtype float32|bfloat16|float16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--conv-mode", choices=sorted(TEMPLATES), default=None, help="default: detected from the model")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="compute precision (default float32 on CPU, float16 on CUDA)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="compute precision (default float32 on CPU, float16 on CUDA)",
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--clip-dir", default=None, help="HF CLIP folder, when the checkpoint lacks CLIP weights")
     p.add_argument("--convnext-dir", default=None, help="OpenCLIP ConvNeXt folder, when the checkpoint lacks them")
@@ -46,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or ("float32" if args.device == "cpu" else "float16")]
     images = [load_image(path) for path in args.image_file.split(",")]
     model = load_model(args.model_path, dtype, args.device, args.conv_mode, args.clip_dir, args.convnext_dir)
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, seed=args.seed)
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     if args.prompt is not None:
         print(model.chat(args.prompt, images, params))
         return 0

@@ -82,7 +82,7 @@ class MGMConfig:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "MGMConfig":
+    def from_model_dir(cls, model_dir: str | Path) -> MGMConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: no config.json (expected a local MGM checkpoint folder)")
@@ -93,7 +93,7 @@ class MGMConfig:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "MGMConfig":
+    def from_dict(cls, raw: dict, source: str = "config") -> MGMConfig:
         archs = raw.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:

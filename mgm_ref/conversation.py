@@ -24,16 +24,16 @@ LLAMA3_SYSTEM = (
 @dataclass
 class Conversation:
     name: str
-    style: str                 # "two" | "gemma" | "llama_3" | "llama_2" | "mpt"
+    style: str  # "two" | "gemma" | "llama_3" | "llama_2" | "mpt"
     system: str
     roles: tuple[str, str]
     sep: str
     sep2: str = ""
-    stop_strings: tuple[str, ...] = ()       # text that ends an answer (trimmed from the output)
+    stop_strings: tuple[str, ...] = ()  # text that ends an answer (trimmed from the output)
     stop_token_strings: tuple[str, ...] = ()  # special tokens that end generation besides EOS
     messages: list[list] = field(default_factory=list)
 
-    def copy(self) -> "Conversation":
+    def copy(self) -> Conversation:
         return replace(self, messages=[list(m) for m in self.messages])
 
     def append(self, role: str, message: str | None) -> None:
@@ -51,8 +51,9 @@ class Conversation:
             seps = (self.sep, self.sep2)
             out = self.system + seps[0]
             for i, (role, msg) in enumerate(turns):
-                out += (f"<start_of_turn>{role}\n{msg}<end_of_turn>\n{seps[i % 2]}" if msg
-                        else f"<start_of_turn>{role}\n")
+                out += (
+                    f"<start_of_turn>{role}\n{msg}<end_of_turn>\n{seps[i % 2]}" if msg else f"<start_of_turn>{role}\n"
+                )
             return out
         if self.style == "llama_3":
             out = f"<|start_header_id|>system<|end_header_id|>\n\n{self.system}{self.sep}" if self.system else ""
@@ -61,7 +62,7 @@ class Conversation:
             return out
         if self.style == "llama_2":
             out = ""
-            for i, (role, msg) in enumerate(turns):
+            for i, (_role, msg) in enumerate(turns):
                 if not msg:
                     continue
                 if i == 0 and self.system:
@@ -77,18 +78,41 @@ class Conversation:
 
 
 TEMPLATES: dict[str, Conversation] = {
-    "vicuna_v1": Conversation("vicuna_v1", "two", VICUNA_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>",
-                              stop_strings=("</s>",)),
-    "gemma": Conversation("gemma", "gemma", "", ("user", "model"), "", "<eos>",
-                          stop_strings=("<end_of_turn>", "<eos>"), stop_token_strings=("<end_of_turn>",)),
+    "vicuna_v1": Conversation(
+        "vicuna_v1", "two", VICUNA_SYSTEM, ("USER", "ASSISTANT"), " ", "</s>", stop_strings=("</s>",)
+    ),
+    "gemma": Conversation(
+        "gemma",
+        "gemma",
+        "",
+        ("user", "model"),
+        "",
+        "<eos>",
+        stop_strings=("<end_of_turn>", "<eos>"),
+        stop_token_strings=("<end_of_turn>",),
+    ),
     # The assistant header really is "system": a quirk of the original that training used too.
-    "llama_3": Conversation("llama_3", "llama_3", LLAMA3_SYSTEM, ("user", "system"), "<|eot_id|>",
-                            stop_strings=("<|eot_id|>",), stop_token_strings=("<|eot_id|>",)),
-    "mistral_instruct": Conversation("mistral_instruct", "llama_2", "", ("USER", "ASSISTANT"), "<s>", "</s>",
-                                     stop_strings=("</s>",)),
-    "chatml_direct": Conversation("chatml_direct", "mpt", "<|im_start|>system\nAnswer the questions.",
-                                  ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>",
-                                  stop_strings=("<|im_end|>",), stop_token_strings=("<|im_end|>",)),
+    "llama_3": Conversation(
+        "llama_3",
+        "llama_3",
+        LLAMA3_SYSTEM,
+        ("user", "system"),
+        "<|eot_id|>",
+        stop_strings=("<|eot_id|>",),
+        stop_token_strings=("<|eot_id|>",),
+    ),
+    "mistral_instruct": Conversation(
+        "mistral_instruct", "llama_2", "", ("USER", "ASSISTANT"), "<s>", "</s>", stop_strings=("</s>",)
+    ),
+    "chatml_direct": Conversation(
+        "chatml_direct",
+        "mpt",
+        "<|im_start|>system\nAnswer the questions.",
+        ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        "<|im_end|>",
+        stop_strings=("<|im_end|>",),
+        stop_token_strings=("<|im_end|>",),
+    ),
 }
 
 
@@ -135,8 +159,13 @@ def image_placeholders(question: str, n_images: int) -> str:
     return "".join(f"Image {k + 1}:{DEFAULT_IMAGE_TOKEN}\n" for k in range(n_images)) + question
 
 
-def build_prompt(conv_mode: str, question: str, n_images: int = 1,
-                 history: list[tuple[str, str]] | None = None, system: str | None = None) -> str:
+def build_prompt(
+    conv_mode: str,
+    question: str,
+    n_images: int = 1,
+    history: list[tuple[str, str]] | None = None,
+    system: str | None = None,
+) -> str:
     """Full prompt for `question`, after earlier (user, assistant) turns; images go with the first turn.
 
     `system` replaces the template's system prompt; templates without one refuse it.

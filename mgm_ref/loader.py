@@ -46,8 +46,7 @@ def _rules(reverse: bool) -> list[tuple[str, str]]:
     for official, ours in _CONVNEXT_NAMES:
         src, dst = (ours, official) if reverse else (official, ours)
         pattern = "^" + re.escape(src).replace(r"\{s\}", r"(\d+)").replace(r"\{b\}", r"(\d+)")
-        rules.append((pattern if src.endswith(".") else pattern + "$",
-                      dst.replace("{s}", r"\1").replace("{b}", r"\2")))
+        rules.append((pattern if src.endswith(".") else pattern + "$", dst.replace("{s}", r"\1").replace("{b}", r"\2")))
     return rules
 
 
@@ -121,9 +120,14 @@ def _strict_load(module: torch.nn.Module, state: dict, what: str, optional_missi
     missing = sorted(expected - set(state) - set(optional_missing))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
+
         def show(keys):
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = [f"missing keys: {show(missing)}" if missing else "", f"unexpected keys: {show(unexpected)}" if unexpected else ""]
+
+        parts = [
+            f"missing keys: {show(missing)}" if missing else "",
+            f"unexpected keys: {show(unexpected)}" if unexpected else "",
+        ]
         raise CheckpointError(f"{what}: " + "; ".join(p for p in parts if p))
     try:
         module.load_state_dict(state, strict=False, assign=False)
@@ -145,9 +149,15 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def load_vision(model_dir: str | Path, dtype=torch.float32, device="cpu", config: MGMConfig | None = None,
-                clip_dir: str | Path | None = None, convnext_dir: str | Path | None = None,
-                checkpoint: ShardedCheckpoint | None = None) -> MGMVisionEncoder:
+def load_vision(
+    model_dir: str | Path,
+    dtype=torch.float32,
+    device="cpu",
+    config: MGMConfig | None = None,
+    clip_dir: str | Path | None = None,
+    convnext_dir: str | Path | None = None,
+    checkpoint: ShardedCheckpoint | None = None,
+) -> MGMVisionEncoder:
     config = config or MGMConfig.from_model_dir(model_dir)
     ckpt = checkpoint or ShardedCheckpoint(model_dir)
     official = {k for k in ckpt.keys() if k.startswith(VISION_PREFIXES)}
@@ -189,8 +199,13 @@ def _convnext_from_folder(convnext_dir, model_dir) -> dict:
     return out
 
 
-def load_llm(model_dir: str | Path, dtype=torch.float32, device="cpu", config: MGMConfig | None = None,
-             checkpoint: ShardedCheckpoint | None = None):
+def load_llm(
+    model_dir: str | Path,
+    dtype=torch.float32,
+    device="cpu",
+    config: MGMConfig | None = None,
+    checkpoint: ShardedCheckpoint | None = None,
+):
     """(HF causal LM with only the LLM weights, tokenizer, MGMConfig)."""
     config = config or MGMConfig.from_model_dir(model_dir)
     ckpt = checkpoint or ShardedCheckpoint(model_dir)
@@ -209,8 +224,14 @@ def load_llm(model_dir: str | Path, dtype=torch.float32, device="cpu", config: M
     return llm.to(device).eval(), tokenizer, config
 
 
-def load_model(model_dir: str | Path, dtype=torch.float32, device="cpu", conv_mode: str | None = None,
-               clip_dir=None, convnext_dir=None) -> MGM:
+def load_model(
+    model_dir: str | Path,
+    dtype=torch.float32,
+    device="cpu",
+    conv_mode: str | None = None,
+    clip_dir=None,
+    convnext_dir=None,
+) -> MGM:
     config = MGMConfig.from_model_dir(model_dir)
     ckpt = ShardedCheckpoint(model_dir)
     llm, tokenizer, _ = load_llm(model_dir, dtype, device, config, ckpt)

@@ -8,8 +8,8 @@ Gemma scales `inputs_embeds` by sqrt(hidden) inside HF's GemmaModel, image rows 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -26,7 +26,7 @@ from mgm_ref.vision import MGMVisionEncoder
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 512
-    temperature: float = 0.0      # <= GREEDY_TEMPERATURE means greedy
+    temperature: float = 0.0  # <= GREEDY_TEMPERATURE means greedy
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
@@ -46,8 +46,9 @@ class GenerationParams:
         return self.temperature <= GREEDY_TEMPERATURE
 
 
-def splice_image_features(embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
-                          images: Iterator[torch.Tensor]) -> torch.Tensor:
+def splice_image_features(
+    embed: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, images: Iterator[torch.Tensor]
+) -> torch.Tensor:
     """(L, H) inputs_embeds of one sequence: `ids` (1-D) embedded with `embed`, each IMAGE_TOKEN_INDEX
     replaced by all rows of the next tensor of `images` (cast to the embeddings' dtype and device).
 
@@ -83,7 +84,7 @@ class MGM:
     @torch.inference_mode()
     def encode_images(self, pixels: PixelInputs) -> torch.Tensor:
         """(N, T, H) image features in the LLM's dtype."""
-        dev, dt = self.vision.mm_projector[0].weight.device, self.vision.dtype
+        dev, dt = next(self.vision.mm_projector.parameters()).device, self.vision.dtype
         feats = self.vision(pixels.images.to(dev, dt), pixels.images_aux.to(dev, dt))
         return feats.to(self.device, self.dtype)
 
@@ -112,7 +113,7 @@ class MGM:
                 raise PromptError(
                     f"the prompt has {next_image + n_images} <image> tags but only {len(feats)} images were given"
                 )
-            seq = splice_image_features(embed, ids_t, iter(feats[next_image:next_image + n_images]))
+            seq = splice_image_features(embed, ids_t, iter(feats[next_image : next_image + n_images]))
             next_image += n_images
             if seq.shape[0] > self.config.max_length:
                 raise PromptError(
@@ -127,8 +128,8 @@ class MGM:
         embeds = torch.zeros(len(sequences), width, hidden, dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(sequences), width, dtype=torch.long, device=self.device)
         for row, seq in enumerate(sequences):
-            embeds[row, width - seq.shape[0]:] = seq
-            mask[row, width - seq.shape[0]:] = 1
+            embeds[row, width - seq.shape[0] :] = seq
+            mask[row, width - seq.shape[0] :] = 1
         return embeds, mask
 
     @torch.inference_mode()
@@ -139,8 +140,13 @@ class MGM:
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids: Sequence[Sequence[int]], image_features: torch.Tensor | None,
-                 params: GenerationParams | None = None, streamer=None) -> list[list[int]]:
+    def generate(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        image_features: torch.Tensor | None,
+        params: GenerationParams | None = None,
+        streamer=None,
+    ) -> list[list[int]]:
         """New token ids per sequence (stop tokens removed). `streamer` is an HF streamer (batch 1)."""
         params = params or GenerationParams()
         params.validate()
@@ -155,12 +161,22 @@ class MGM:
         stops = self.stop_token_ids()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stops[0]
         # None unsets the checkpoint's generation_config values, which greedy decoding must not see.
-        sampling = ({"temperature": None, "top_p": None, "top_k": None} if params.greedy else
-                    {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0})
+        sampling = (
+            {"temperature": None, "top_p": None, "top_k": None}
+            if params.greedy
+            else {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k or 0}
+        )
         out = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy, num_beams=1, eos_token_id=stops, pad_token_id=pad,
-            streamer=streamer, use_cache=True, **sampling,
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not params.greedy,
+            num_beams=1,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            streamer=streamer,
+            use_cache=True,
+            **sampling,
         )
         results = []
         for row in out.tolist():
@@ -171,9 +187,15 @@ class MGM:
     def decode(self, ids: Sequence[int]) -> str:
         return trim_answer(self.tokenizer.decode(ids, skip_special_tokens=True), self.conv_mode)
 
-    def chat(self, question: str, images: Sequence[Image.Image], params: GenerationParams | None = None,
-             history: list[tuple[str, str]] | None = None, conv_mode: str | None = None,
-             streamer_factory: Callable | None = None) -> str:
+    def chat(
+        self,
+        question: str,
+        images: Sequence[Image.Image],
+        params: GenerationParams | None = None,
+        history: list[tuple[str, str]] | None = None,
+        conv_mode: str | None = None,
+        streamer_factory: Callable | None = None,
+    ) -> str:
         """One answer to `question` about `images` (sent with the first turn), after `history`."""
         prompt = build_prompt(conv_mode or self.conv_mode, question, len(images), history)
         feats = self.image_features(images) if images else None

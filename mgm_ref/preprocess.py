@@ -68,7 +68,7 @@ def expand2square(image: Image.Image, background=PAD_COLOR) -> Image.Image:
 
 @dataclass
 class PixelInputs:
-    images: torch.Tensor      # (N, 3, 336, 336), or HD (N, 5, 3, 336, 336): crops TL, TR, BL, BR, then global
+    images: torch.Tensor  # (N, 3, 336, 336), or HD (N, 5, 3, 336, 336): crops TL, TR, BL, BR, then global
     images_aux: torch.Tensor  # (N, 3, S, S), S = image_size_aux
 
 
@@ -82,7 +82,7 @@ class ImageProcessor:
         self.clip_processor = CLIPImageProcessor(
             size={"shortest_edge": size},
             crop_size={"height": size, "width": size},
-            resample=Image.BICUBIC,
+            resample=Image.Resampling.BICUBIC,
             do_center_crop=True,
             do_convert_rgb=True,
             image_mean=list(CLIP_MEAN),
@@ -98,8 +98,9 @@ class ImageProcessor:
     def hr_pixels(self, image: Image.Image) -> torch.Tensor:
         """(1, 3, S, S) normalised HR pixels of one image."""
         square = expand2square(image.convert("RGB"))
-        pixels = self.clip_processor.preprocess(square, return_tensors="np")["pixel_values"]
-        return torch.from_numpy(pixels)
+        # transformers annotates preprocess() as returning an image; it returns a BatchFeature
+        batch = self.clip_processor.preprocess(square, return_tensors="np")
+        return torch.from_numpy(batch["pixel_values"])  # type: ignore[index]
 
     def lr_views(self, images_aux: torch.Tensor) -> torch.Tensor:
         """LR views derived from the normalised HR tensor, as the original CLI does."""

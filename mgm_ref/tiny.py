@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,35 +30,81 @@ from mgm_ref.vision import MGMVisionEncoder
 VOCAB_SIZE = 1024
 MODEL_TYPES = {"llama": "mgm", "gemma": "mgm_gemma", "mixtral": "mgm_mixtral"}
 DEFAULT_TEMPLATE = {"llama": "vicuna_v1", "gemma": "gemma", "mixtral": "mistral_instruct"}
-FAMILY_TEMPLATES = {"llama": ("vicuna_v1", "llama_3", "chatml_direct"), "gemma": ("gemma",),
-                    "mixtral": ("mistral_instruct",)}
+FAMILY_TEMPLATES = {
+    "llama": ("vicuna_v1", "llama_3", "chatml_direct"),
+    "gemma": ("gemma",),
+    "mixtral": ("mistral_instruct",),
+}
 
 # Sizes: in-features are multiples of 128 so INT4 AWQ (block 128) accepts every linear layer.
-LLM_SIZES = {
-    "llama": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
-    "gemma": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  hidden_act="gelu", tie_word_embeddings=True),
-    "mixtral": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5,
-                    rope_theta=1e6, sliding_window=None, tie_word_embeddings=False),
+LLM_SIZES: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+    "gemma": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=64,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="gelu",
+        tie_word_embeddings=True,
+    ),
+    "mixtral": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
 }
-CLIP_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 image_size=336, patch_size=14, projection_dim=64, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=336,
+    patch_size=14,
+    projection_dim=64,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 CONVNEXT_TINY = {"dims": [16, 32, 64, 128], "depths": [1, 1, 2, 1]}
 
 SPECIAL_TOKENS = {  # (bos, eos, unk, pad, extra specials)
     "vicuna_v1": ("<s>", "</s>", "<unk>", "<unk>", []),
     "mistral_instruct": ("<s>", "</s>", "<unk>", "<unk>", []),
     "gemma": ("<bos>", "<eos>", "<unk>", "<pad>", ["<start_of_turn>", "<end_of_turn>"]),
-    "llama_3": ("<|begin_of_text|>", "<|end_of_text|>", None, None,
-                ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    "llama_3": (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        None,
+        None,
+        ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    ),
     "chatml_direct": ("<|startoftext|>", "<|im_end|>", "<unk>", "<unk>", ["<|im_start|>", "<|im_end|>"]),
 }
 
 CORPUS = [
-    VICUNA_SYSTEM, LLAMA3_SYSTEM, "Answer the questions.",
+    VICUNA_SYSTEM,
+    LLAMA3_SYSTEM,
+    "Answer the questions.",
     "What is shown in this image? Describe the picture in detail.",
     "The image shows a red car parked next to a small house with a green door.",
     "There are two cats sleeping on a blue sofa near the window.",
@@ -88,10 +135,18 @@ def synthetic_scene(width: int = 640, height: int = 480, seed: int = 0, noise: i
     d.ellipse([sx, sy, sx + int(90 * s), sy + int(90 * s)], fill=(250, 215, 60))
     hx, hw = int(width * (0.15 + 0.3 * rng.rand())), int(200 * s)
     d.rectangle([hx, horizon - int(130 * s), hx + hw, horizon + int(10 * s)], fill=(200, 60 + rng.randint(60), 50))
-    d.polygon([(hx - int(20 * s), horizon - int(130 * s)), (hx + hw // 2, horizon - int(220 * s)),
-               (hx + hw + int(20 * s), horizon - int(130 * s))], fill=(120, 70, 40))
-    d.rectangle([hx + hw // 2 - int(20 * s), horizon - int(60 * s), hx + hw // 2 + int(20 * s),
-                 horizon + int(10 * s)], fill=(90, 50, 30))
+    d.polygon(
+        [
+            (hx - int(20 * s), horizon - int(130 * s)),
+            (hx + hw // 2, horizon - int(220 * s)),
+            (hx + hw + int(20 * s), horizon - int(130 * s)),
+        ],
+        fill=(120, 70, 40),
+    )
+    d.rectangle(
+        [hx + hw // 2 - int(20 * s), horizon - int(60 * s), hx + hw // 2 + int(20 * s), horizon + int(10 * s)],
+        fill=(90, 50, 30),
+    )
     if not noise:
         return img
     pixels = np.asarray(img, np.int16) + rng.randint(-noise, noise + 1, (height, width, 3))
@@ -104,18 +159,32 @@ def build_tokenizer(template: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
-                                   pad_token=pad, additional_special_tokens=extra, model_max_length=4096,
-                                   padding_side="left", clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        additional_special_tokens=extra,
+        model_max_length=4096,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
 
 
-def tiny_config_dict(llm: str = "llama", hd: bool = False, template: str | None = None) -> dict:
+def tiny_config_dict(
+    llm: str = "llama", hd: bool = False, template: str | None = None
+) -> tuple[dict[str, Any], PreTrainedTokenizerFast]:
     template = template or DEFAULT_TEMPLATE[llm]
     if template not in FAMILY_TEMPLATES[llm]:
         raise ValueError(f"template {template!r} does not belong to {llm} (choose from {FAMILY_TEMPLATES[llm]})")
@@ -168,8 +237,13 @@ def _bf16_exact(module: torch.nn.Module, generator: torch.Generator) -> None:
         for name, p in module.named_parameters():
             if name.endswith("layer_scale_parameter"):
                 p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=generator))
-            elif p.ndim == 1 and ("norm" in name or "layrnorm" in name or "layernorm" in name
-                                  or name.split(".")[-2] in {"0"} and "projector" in name):
+            elif p.ndim == 1 and (
+                "norm" in name
+                or "layrnorm" in name
+                or "layernorm" in name
+                or name.split(".")[-2] in {"0"}
+                and "projector" in name
+            ):
                 base = 1.0 if name.endswith("weight") else 0.0
                 p.copy_(base + 0.1 * torch.randn(p.shape, generator=generator))
             p.copy_(p.to(torch.bfloat16).float())
@@ -192,8 +266,9 @@ def official_state_dict(vision: MGMVisionEncoder, llm) -> dict[str, torch.Tensor
     state = {k: v for k, v in llm.state_dict().items()}
     if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    state.update({vision_to_official_key(k): v for k, v in vision.state_dict().items()
-                  if not k.endswith("position_ids")})
+    state.update(
+        {vision_to_official_key(k): v for k, v in vision.state_dict().items() if not k.endswith("position_ids")}
+    )
     return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
@@ -206,7 +281,7 @@ def save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None
     weight_map, total = {}, 0
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in keys[i * per:(i + 1) * per]}
+        part = {k: state[k] for k in keys[i * per : (i + 1) * per]}
         save_file(part, out / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
         total += sum(v.numel() * v.element_size() for v in part.values())
@@ -214,8 +289,14 @@ def save_sharded(state: dict[str, torch.Tensor], out: Path, shards: int) -> None
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_tiny_checkpoint(out_dir: str | Path, llm: str = "llama", hd: bool = False, seed: int = 0,
-                          template: str | None = None, shards: int = 2) -> Path:
+def write_tiny_checkpoint(
+    out_dir: str | Path,
+    llm: str = "llama",
+    hd: bool = False,
+    seed: int = 0,
+    template: str | None = None,
+    shards: int = 2,
+) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw, tokenizer, _, vision, model = build_tiny(llm, hd, seed, template)
@@ -231,8 +312,12 @@ def main(argv=None) -> None:
     parser.add_argument("--hd", action="store_true", help="HD variant (672 LR as 2x2 crops + global, 1536 HR)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                        help="chat template whose special tokens the tokenizer carries (default: the family's)")
+    parser.add_argument(
+        "--template",
+        choices=sorted(TEMPLATES),
+        default=None,
+        help="chat template whose special tokens the tokenizer carries (default: the family's)",
+    )
     parser.add_argument("--shards", type=int, default=2, help="number of safetensors shards (1 = model.safetensors)")
     args = parser.parse_args(argv)
     path = write_tiny_checkpoint(args.out, args.llm, args.hd, args.seed, args.template, args.shards)

@@ -41,12 +41,20 @@ class ConvNextTower(nn.Module):
     def __init__(self, config: MGMConfig):
         super().__init__()
         dims, depths = config.convnext_dims, config.convnext_depths
-        hf = ConvNextConfig(hidden_sizes=dims, depths=depths, num_channels=3, patch_size=4,
-                            hidden_act="gelu", drop_path_rate=0.0, layer_scale_init_value=1e-6)
+        hf = ConvNextConfig(
+            hidden_sizes=dims,
+            depths=depths,
+            num_channels=3,
+            patch_size=4,
+            hidden_act="gelu",
+            drop_path_rate=0.0,
+            layer_scale_init_value=1e-6,
+        )
         self.stem = ConvNextEmbeddings(hf)
         self.stages = nn.ModuleList(
-            ConvNextStage(hf, in_channels=dims[max(i - 1, 0)], out_channels=dims[i],
-                          stride=2 if i > 0 else 1, depth=depths[i])
+            ConvNextStage(
+                hf, in_channels=dims[max(i - 1, 0)], out_channels=dims[i], stride=2 if i > 0 else 1, depth=depths[i]
+            )
             for i in range(4)
         )
 
@@ -90,7 +98,7 @@ class MGMVisionEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.mm_projector[0].weight.dtype
+        return next(self.mm_projector.parameters()).dtype
 
     def mine(self, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
         """Patch info mining: each LR token attends over its window of HR pixels; T = X_L + mined."""
@@ -115,7 +123,7 @@ class MGMVisionEncoder(nn.Module):
         n_crops = g * g
         # CLIP runs on [all crops (image-major, TL,TR,BL,BR) ; all globals] as in the original.
         lr = self.vision_tower(torch.cat([images[:, :n_crops].flatten(0, 1), images[:, n_crops]]))
-        lr_crops, lr_global = lr[: b * n_crops], lr[b * n_crops:]
+        lr_crops, lr_global = lr[: b * n_crops], lr[b * n_crops :]
         hr = hr.to(self.dtype)
         # Global view mines a half-resolution copy of the HR *feature map* (the tower is not re-run).
         hr_global = F.interpolate(hr.float(), scale_factor=1 / g, mode="bilinear", align_corners=False).to(hr.dtype)

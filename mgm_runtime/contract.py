@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from mgm_ref.errors import MGMError
 
 CONTRACT_VERSION = 1
-DEFAULT_MAX_OUTPUT_LEN = 512          # generated tokens allowed on top of max_input_len by default
-DEFAULT_MAX_NUM_TOKENS = 8192         # trtllm-build's own default
+DEFAULT_MAX_OUTPUT_LEN = 512  # generated tokens allowed on top of max_input_len by default
+DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's own default
 # engine activation dtype -> the Triton type its prompt table must be sent in
 PROMPT_TABLE_TRITON_TYPE = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}
 
@@ -34,17 +35,17 @@ class ContractError(MGMError):
 class LLMContract:
     """What the LLM (a TensorRT-LLM engine, or the CPU PyTorch runner) was built to accept."""
 
-    runtime: str                  # "tensorrt_llm" | "pytorch"
-    dtype: str                    # activation dtype = the prompt table's dtype
+    runtime: str  # "tensorrt_llm" | "pytorch"
+    dtype: str  # activation dtype = the prompt table's dtype
     max_batch_size: int
-    max_input_len: int            # prompt tokens, image rows included
-    max_seq_len: int              # prompt + generated tokens
+    max_input_len: int  # prompt tokens, image rows included
+    max_seq_len: int  # prompt + generated tokens
     max_num_tokens: int
-    max_multimodal_len: int       # prompt-table rows of a full batch
+    max_multimodal_len: int  # prompt-table rows of a full batch
     tokens_per_image: int
     max_images_per_request: int
     hidden_size: int
-    vocab_offset: int             # first fake id (the engine's, possibly padded, vocab size)
+    vocab_offset: int  # first fake id (the engine's, possibly padded, vocab size)
 
     def __post_init__(self):
         if self.dtype not in PROMPT_TABLE_TRITON_TYPE:
@@ -53,7 +54,8 @@ class LLMContract:
             raise ContractError(
                 f"{self.max_images_per_request} images x {self.tokens_per_image} rows exceed the "
                 f"{self.rows_per_request} prompt-table rows a request may carry "
-                f"(max_multimodal_len {self.max_multimodal_len} // max_batch_size {self.max_batch_size})")
+                f"(max_multimodal_len {self.max_multimodal_len} // max_batch_size {self.max_batch_size})"
+            )
 
     @property
     def rows_per_request(self) -> int:
@@ -70,13 +72,15 @@ class LLMContract:
     @classmethod
     def from_dict(cls, data: dict, where: str = "contract") -> LLMContract:
         if data.get("version") != CONTRACT_VERSION:
-            raise ContractError(f"{where}: contract version {data.get('version')!r}, this code reads "
-                                f"{CONTRACT_VERSION}; rebuild with `mgm-build llm`")
+            raise ContractError(
+                f"{where}: contract version {data.get('version')!r}, this code reads "
+                f"{CONTRACT_VERSION}; rebuild with `mgm-build llm`"
+            )
         names = [f.name for f in fields(cls)]
         missing = [n for n in names if n not in data]
         if missing:
             raise ContractError(f"{where}: the contract lacks {missing}; rebuild with `mgm-build llm`")
-        values = {n: data[n] if n in ("runtime", "dtype") else int(data[n]) for n in names}
+        values: dict[str, Any] = {n: data[n] if n in ("runtime", "dtype") else int(data[n]) for n in names}
         return cls(**values)
 
     def with_overrides(self, where: str, **requested: int | None) -> LLMContract:
@@ -89,8 +93,10 @@ class LLMContract:
             if value < 1:
                 raise ContractError(f"--{name} must be >= 1, got {value}")
             if value > built:
-                raise ContractError(f"--{name} {value} exceeds the {built} the engine was built for ({where}); "
-                                    f"rebuild it with a larger --{name} or ask for at most {built}")
+                raise ContractError(
+                    f"--{name} {value} exceeds the {built} the engine was built for ({where}); "
+                    f"rebuild it with a larger --{name} or ask for at most {built}"
+                )
             changes[name] = value
         if not changes:
             return self
@@ -102,9 +108,16 @@ class LLMContract:
         return LLMContract(**data)
 
 
-def derive_limits(*, max_batch_size: int, tokens_per_image: int, max_images_per_request: int = 1,
-                  max_input_len: int | None = None, max_seq_len: int | None = None,
-                  default_input_len: int = 2048, max_num_tokens: int | None = None) -> dict[str, int]:
+def derive_limits(
+    *,
+    max_batch_size: int,
+    tokens_per_image: int,
+    max_images_per_request: int = 1,
+    max_input_len: int | None = None,
+    max_seq_len: int | None = None,
+    default_input_len: int = 2048,
+    max_num_tokens: int | None = None,
+) -> dict[str, int]:
     """The one formula for the engine limits (image rows included in max_input_len); checks them."""
     if max_batch_size < 1:
         raise ContractError(f"--max_batch_size must be >= 1, got {max_batch_size}")
@@ -116,18 +129,28 @@ def derive_limits(*, max_batch_size: int, tokens_per_image: int, max_images_per_
         raise ContractError(
             f"--max_input_len {max_input_len} leaves no room for text: it counts the image tokens "
             f"({max_images_per_request} x {tokens_per_image} = {image_tokens}) plus the text prompt; "
-            f"use at least {image_tokens + 64}")
+            f"use at least {image_tokens + 64}"
+        )
     max_seq_len = max_input_len + DEFAULT_MAX_OUTPUT_LEN if max_seq_len is None else max_seq_len
     if max_seq_len <= max_input_len:
-        raise ContractError(f"--max_seq_len {max_seq_len} must exceed --max_input_len {max_input_len} "
-                            "(it is prompt + generated tokens)")
+        raise ContractError(
+            f"--max_seq_len {max_seq_len} must exceed --max_input_len {max_input_len} (it is prompt + generated tokens)"
+        )
     max_num_tokens = max_num_tokens or max(DEFAULT_MAX_NUM_TOKENS, max_input_len)
     if max_num_tokens < max_input_len:
-        raise ContractError(f"max_num_tokens {max_num_tokens} < max_input_len {max_input_len}: one full prompt "
-                            "(image rows included) must fit one context step")
-    return {"max_batch_size": max_batch_size, "max_input_len": max_input_len, "max_seq_len": max_seq_len,
-            "max_multimodal_len": max_batch_size * image_tokens, "max_num_tokens": max_num_tokens,
-            "tokens_per_image": tokens_per_image, "max_images_per_request": max_images_per_request}
+        raise ContractError(
+            f"max_num_tokens {max_num_tokens} < max_input_len {max_input_len}: one full prompt "
+            "(image rows included) must fit one context step"
+        )
+    return {
+        "max_batch_size": max_batch_size,
+        "max_input_len": max_input_len,
+        "max_seq_len": max_seq_len,
+        "max_multimodal_len": max_batch_size * image_tokens,
+        "max_num_tokens": max_num_tokens,
+        "tokens_per_image": tokens_per_image,
+        "max_images_per_request": max_images_per_request,
+    }
 
 
 def read_json(path: Path, what: str, how: str) -> dict:
@@ -144,7 +167,7 @@ def read_llm_contract(build_info: str | Path) -> LLMContract:
     path = Path(build_info)
     info = read_json(path, "the LLM build record", "mgm-build llm")
     if "contract" not in info:
-        raise ContractError(f"{path} has no \"contract\" block (written by an older mgm-build llm); rebuild it")
+        raise ContractError(f'{path} has no "contract" block (written by an older mgm-build llm); rebuild it')
     return LLMContract.from_dict(info["contract"], str(path))
 
 
@@ -164,7 +187,7 @@ class VisionContract:
     max_batch_size: int
     tokens_per_image: int
     hidden_size: int
-    input_shapes: dict            # input name -> per-image shape (no batch dimension)
+    input_shapes: dict  # input name -> per-image shape (no batch dimension)
 
     @property
     def images_shape(self) -> tuple[int, ...]:
@@ -180,8 +203,14 @@ def read_vision_contract(config_json: str | Path) -> VisionContract:
     art = read_json(path, "the vision artifact's config", "mgm-build vision")
     try:
         shapes = {t["name"]: [int(d) for d in t["per_image_shape"]] for t in art["inputs"]}
-        contract = VisionContract(str(art["backend"]), str(art["dtype"]), int(art["max_batch_size"]),
-                                  int(art["tokens_per_image"]), int(art["hidden_size"]), shapes)
+        contract = VisionContract(
+            str(art["backend"]),
+            str(art["dtype"]),
+            int(art["max_batch_size"]),
+            int(art["tokens_per_image"]),
+            int(art["hidden_size"]),
+            shapes,
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise ContractError(f"{path}: malformed vision config ({e!r}); rebuild it with `mgm-build vision`") from None
     if set(shapes) != {"images", "images_aux"}:

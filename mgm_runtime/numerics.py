@@ -22,4 +22,4 @@ def rel_l2(got, want) -> float:
     g, w = _float64(got), _float64(want)
     if g.shape != w.shape:
         raise ValueError(f"shape mismatch: got {g.shape}, expected {w.shape}")
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+    return float(np.linalg.norm(g - w)) / max(float(np.linalg.norm(w)), 1e-30)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -45,17 +45,21 @@ class OrtRunner:
         self.input_dtypes = {n: _ORT_TO_NUMPY.get(i.type) for n, i in self.inputs.items()}
         for name, dtype in self.input_dtypes.items():
             if dtype is None:
-                raise TypeError(f"{self.onnx_path}: input {name} has type {self.inputs[name].type}, which this runner does not feed")
+                raise TypeError(
+                    f"{self.onnx_path}: input {name} has type {self.inputs[name].type}, which this runner does not feed"
+                )
 
     @property
     def input_names(self) -> list[str]:
         return list(self.inputs)
 
-    def run(self, feeds: Mapping[str, "np.ndarray"]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = set(self.inputs) - set(feeds)
         extra = set(feeds) - set(self.inputs)
         if missing or extra:
-            raise KeyError(f"inputs expected {sorted(self.inputs)}; missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise KeyError(
+                f"inputs expected {sorted(self.inputs)}; missing {sorted(missing)}, unexpected {sorted(extra)}"
+            )
         arrays = {}
         for name, value in feeds.items():
             if hasattr(value, "detach"):  # a torch tensor
@@ -65,7 +69,7 @@ class OrtRunner:
                 value = value.numpy()
             arrays[name] = np.ascontiguousarray(value, dtype=self.input_dtypes[name])
         outs = self.session.run(self.output_names, arrays)
-        return dict(zip(self.output_names, outs))
+        return dict(zip(self.output_names, outs, strict=True))
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         return self.run(feeds)

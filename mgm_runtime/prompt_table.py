@@ -9,7 +9,7 @@ both kinds of rows.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -19,8 +19,12 @@ def fake_ids(vocab_size: int, rows: int, start: int = 0) -> list[int]:
     return list(range(vocab_size + start, vocab_size + start + rows))
 
 
-def embed_with_prompt_table(input_ids: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                            prompt_table: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+def embed_with_prompt_table(
+    input_ids: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    prompt_table: torch.Tensor | None,
+    vocab_size: int,
+) -> torch.Tensor:
     """(..., H) embeddings of `input_ids` (...,): vocabulary rows from `embed`, fake ids from `prompt_table`.
 
     The result has `embed`'s dtype and device. ValueError when a fake id has no table or no row, or when
@@ -34,8 +38,10 @@ def embed_with_prompt_table(input_ids: torch.Tensor, embed: Callable[[torch.Tens
         raise ValueError(f"input_ids contain fake ids (>= vocab_size {vocab_size}) but no prompt_table was given")
     rows = (input_ids[fake] - vocab_size).to(prompt_table.device)
     if int(rows.max()) >= prompt_table.shape[0]:
-        raise ValueError(f"fake id {int(rows.max()) + vocab_size} selects prompt_table row {int(rows.max())}, "
-                         f"but the table has {prompt_table.shape[0]} rows")
+        raise ValueError(
+            f"fake id {int(rows.max()) + vocab_size} selects prompt_table row {int(rows.max())}, "
+            f"but the table has {prompt_table.shape[0]} rows"
+        )
     picked = prompt_table[rows].to(embeds.device, embeds.dtype)
     if not bool(torch.isfinite(picked).all()):
         raise ValueError("prompt_table has non-finite values (NaN/inf) in the rows the prompt uses")

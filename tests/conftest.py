@@ -20,8 +20,9 @@ def tiny_checkpoints(tmp_path_factory):
         key = (llm, hd, template, shards)
         if key not in cache:
             name = f"{llm}{'-hd' if hd else ''}{'-' + template if template else ''}-s{shards}"
-            cache[key] = write_tiny_checkpoint(tmp_path_factory.mktemp(name), llm, hd, seed=0,
-                                               template=template, shards=shards)
+            cache[key] = write_tiny_checkpoint(
+                tmp_path_factory.mktemp(name), llm, hd, seed=0, template=template, shards=shards
+            )
         return cache[key]
 
     return get

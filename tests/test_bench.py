@@ -11,8 +11,14 @@ import pytest
 from PIL import Image
 
 from client.bench import cli as bench
-from client.bench.data import (make_workload, parse_image_sizes, perf_input_data, stream_stats, summarize,
-                               synthetic_image)
+from client.bench.data import (
+    make_workload,
+    parse_image_sizes,
+    perf_input_data,
+    stream_stats,
+    summarize,
+    synthetic_image,
+)
 from client.bench.perf_run import perf_args
 from client.bench.report import BaselineResult, BenchResult, ServedRow, findings, plot, table, write_report
 from client.bench.serve import parse_concurrency
@@ -24,7 +30,7 @@ def test_input_data_carries_the_exact_image_bytes():
     assert [i.image_name for i in items] == ["64x48.png", "96x80.jpeg"] * 2
     data = json.loads(json.dumps(perf_input_data(items, max_tokens=7, stream=True)))
     assert len(data["data"]) == 4
-    for item, step in zip(items, data["data"]):
+    for item, step in zip(items, data["data"], strict=True):
         blob = base64.b64decode(step["image_input"]["b64"])
         assert blob == item.image and step["image_input"]["shape"] == [len(item.image)]
         image = Image.open(io.BytesIO(blob))
@@ -47,22 +53,45 @@ MS = 1_000_000  # ns
 
 
 def export(*requests, concurrency=1):
-    return {"experiments": [{"experiment": {"mode": "concurrency", "value": concurrency},
-                             "requests": list(requests), "window_boundaries": []}], "version": "2.51.0"}
+    return {
+        "experiments": [
+            {
+                "experiment": {"mode": "concurrency", "value": concurrency},
+                "requests": list(requests),
+                "window_boundaries": [],
+            }
+        ],
+        "version": "2.51.0",
+    }
 
 
 def req(sent_ms, responses, prompt="Describe it.", image_bytes=3):
-    return {"timestamp": sent_ms * MS, "request_inputs": {"text_input": prompt, "image_input": [1] * image_bytes},
-            "response_timestamps": [t * MS for t, _ in responses], "response_outputs": [o for _, o in responses]}
+    return {
+        "timestamp": sent_ms * MS,
+        "request_inputs": {"text_input": prompt, "image_input": [1] * image_bytes},
+        "response_timestamps": [t * MS for t, _ in responses],
+        "response_outputs": [o for _, o in responses],
+    }
 
 
 def test_ttft_and_itl_from_a_profile_export():
-    streamed = req(1000, [(1100, {"text_output": "Hello", "output_token_count": 2}),
-                          (1110, {"text_output": " world", "output_token_count": 3}),
-                          (1130, {"text_output": "", "output_token_count": 5})])  # empty FINAL response
-    late_text = req(2000, [(2050, {"text_output": "", "output_token_count": 1}),   # no text yet: not the TTFT
-                           (2080, {"text_output": "Hi", "output_token_count": 2}),
-                           (2090, {"text_output": " there", "output_token_count": 3})], prompt="Other")
+    streamed = req(
+        1000,
+        [
+            (1100, {"text_output": "Hello", "output_token_count": 2}),
+            (1110, {"text_output": " world", "output_token_count": 3}),
+            (1130, {"text_output": "", "output_token_count": 5}),
+        ],
+    )  # empty FINAL response
+    late_text = req(
+        2000,
+        [
+            (2050, {"text_output": "", "output_token_count": 1}),  # no text yet: not the TTFT
+            (2080, {"text_output": "Hi", "output_token_count": 2}),
+            (2090, {"text_output": " there", "output_token_count": 3}),
+        ],
+        prompt="Other",
+    )
     stats = stream_stats(export(streamed, late_text))
     a, b = stats.requests
     assert (a.latency_ms, a.ttft_ms, a.output_tokens, a.text) == (130, 100, 5, "Hello world")
@@ -87,32 +116,75 @@ def test_ttft_and_itl_from_a_profile_export():
 
 
 def test_perf_args_for_time_windows_and_request_counts(tmp_path):
-    args = perf_args("h:1", "mgm_bls", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
-                           measurement_interval_ms=3000, stability=30, max_trials=5)
+    args = perf_args(
+        "h:1",
+        "mgm_bls",
+        tmp_path / "in.json",
+        4,
+        tmp_path / "e.json",
+        tmp_path / "c.csv",
+        measurement_interval_ms=3000,
+        stability=30,
+        max_trials=5,
+    )
     line = " ".join(args)
     assert "-i grpc --streaming" in line and "--concurrency-range 4:4" in line
     assert "--measurement-interval 3000 -s 30 --max-trials 5" in line and "--profile-export-file" in line
-    args = perf_args("h:1", "ensemble", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv",
-                           request_count=2)
+    args = perf_args(
+        "h:1", "ensemble", tmp_path / "in.json", 4, tmp_path / "e.json", tmp_path / "c.csv", request_count=2
+    )
     assert args[-2:] == ["--request-count", "4"] and "--measurement-interval" not in args
     assert parse_concurrency("4,1,2,2") == [1, 2, 4]
 
 
 def _row(c, rps, ttft):
     lat = {"mean": 1000 / rps, "p50": 1000 / rps, "p90": 1200 / rps, "p99": 1300 / rps}
-    return ServedRow(c, rps, lat, {"mean": ttft, "p50": ttft, "p90": ttft * 1.5, "p99": ttft * 2},
-                     {"mean": 3.0, "p50": 3.0, "p90": 4.0, "p99": 5.0}, 10, 32.0, rps * 32)
+    return ServedRow(
+        c,
+        rps,
+        lat,
+        {"mean": ttft, "p50": ttft, "p90": ttft * 1.5, "p99": ttft * 2},
+        {"mean": 3.0, "p50": 3.0, "p90": 4.0, "p99": 5.0},
+        10,
+        32.0,
+        rps * 32,
+    )
 
 
 def test_report_ratios_and_plots_without_a_server(tmp_path):
-    base = BaselineResult(9, 9.0, 1.0, 32.0, {"mean": 1000, "p50": 1000, "p90": 1100, "p99": 1200},
-                          {"mean": 600, "p50": 600, "p90": 700, "p99": 800}, {"mean": 10, "p50": 10, "p90": 11,
-                                                                              "p99": 12}, 32.0)
-    result = BenchResult({"command": "mgm-bench serve", "model": "mgm_bls", "url": "h:1", "stream": True,
-                          "max_tokens": 32, "workload": "w", "measurement": "m", "host": "h"},
-                         [_row(1, 2.0, 300), _row(2, 3.0, 350), _row(4, 5.0, 400)], base, parity=(9, 9))
-    result.rows[2].server = {"vision_encoder": {"requests": 8, "avg_batch": 2.0, "compute_ms_per_execution": 50.0,
-                                                "queue_ms_per_request": 4.0}}
+    base = BaselineResult(
+        9,
+        9.0,
+        1.0,
+        32.0,
+        {"mean": 1000, "p50": 1000, "p90": 1100, "p99": 1200},
+        {"mean": 600, "p50": 600, "p90": 700, "p99": 800},
+        {"mean": 10, "p50": 10, "p90": 11, "p99": 12},
+        32.0,
+    )
+    result = BenchResult(
+        {
+            "command": "mgm-bench serve",
+            "model": "mgm_bls",
+            "url": "h:1",
+            "stream": True,
+            "max_tokens": 32,
+            "workload": "w",
+            "measurement": "m",
+            "host": "h",
+        },
+        [_row(1, 2.0, 300), _row(2, 3.0, 350), _row(4, 5.0, 400)],
+        base,
+        parity=(9, 9),
+    )
+    result.rows[2].server = {
+        "vision_encoder": {
+            "requests": 8,
+            "avg_batch": 2.0,
+            "compute_ms_per_execution": 50.0,
+            "queue_ms_per_request": 4.0,
+        }
+    }
     ratios = result.ratios()
     assert ratios["scaling_c4_over_c1"] == pytest.approx(2.5)
     assert ratios["served_over_in_process"] == {1: 2.0, 2: 3.0, 4: 5.0}
@@ -128,8 +200,24 @@ def test_report_ratios_and_plots_without_a_server(tmp_path):
 
 
 def test_llm_engine_benchmark_runs_and_matches_hf_generate(capsys):
-    assert bench.main(["llm_engine", "--size", "tiny", "--device", "cpu", "--requests", "2", "--text_len", "8",
-                       "--new_tokens", "3"]) == 0
+    assert (
+        bench.main(
+            [
+                "llm_engine",
+                "--size",
+                "tiny",
+                "--device",
+                "cpu",
+                "--requests",
+                "2",
+                "--text_len",
+                "8",
+                "--new_tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert re.search(r"\| engine, 2 concurrent \(in-flight\) \| [\d.]+ \| \d+ \|", out), out
     assert "greedy tokens identical to HF for 2/2 requests" in out
@@ -137,8 +225,26 @@ def test_llm_engine_benchmark_runs_and_matches_hf_generate(capsys):
 
 @pytest.mark.slow
 def test_vision_benchmark_runs_on_the_tiny_towers(tmp_path, capsys):
-    rc = bench.main(["vision", "--tiny", "--batch_sizes", "1", "--warmup", "0", "--iters", "1", "--device", "cpu",
-                     "--threads", "1", "--work_dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    rc = bench.main(
+        [
+            "vision",
+            "--tiny",
+            "--batch_sizes",
+            "1",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--work_dir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 0
     results = json.loads((tmp_path / "r.json").read_text())
     assert results, "the vision benchmark wrote no results"
@@ -153,10 +259,31 @@ def test_unknown_benchmark_is_an_argparse_error(capsys):
 @pytest.mark.server
 def test_short_served_run_writes_a_report(tiny_checkpoints, tmp_path):
     out = tmp_path / "report"
-    rc = bench.main(["serve", "--start_server", "--model_dir", str(tiny_checkpoints("llama")),
-                     "--work_dir", str(tmp_path / "work"), "--output_dir", str(out), "--concurrency", "1,2",
-                     "--max_tokens", "4", "--request_count", "3", "--baseline_requests", "2",
-                     "--image_sizes", "320x240:png,640x480:jpeg", "--prompts", "Describe it.", "What is this?"])
+    rc = bench.main(
+        [
+            "serve",
+            "--start_server",
+            "--model_dir",
+            str(tiny_checkpoints("llama")),
+            "--work_dir",
+            str(tmp_path / "work"),
+            "--output_dir",
+            str(out),
+            "--concurrency",
+            "1,2",
+            "--max_tokens",
+            "4",
+            "--request_count",
+            "3",
+            "--baseline_requests",
+            "2",
+            "--image_sizes",
+            "320x240:png,640x480:jpeg",
+            "--prompts",
+            "Describe it.",
+            "What is this?",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "results.json").read_text())
     assert [r["concurrency"] for r in data["rows"]] == [1, 2]

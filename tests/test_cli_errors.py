@@ -15,6 +15,7 @@ from mgm_ref.errors import CheckpointError, MGMError, run_cli
 def _fail(exc):
     def run(*_a, **_k):
         raise exc
+
     return run
 
 
@@ -32,8 +33,15 @@ def test_run_cli_reports_mgm_errors_and_lets_bugs_through(capsys):
 def test_mgm_build(tmp_path, capsys, monkeypatch):
     from build_engines import cli
 
-    argv = ["repo", "--model_dir", str(tmp_path / "none"), "--engine_dir", str(tmp_path), "--output_dir",
-            str(tmp_path / "repo")]
+    argv = [
+        "repo",
+        "--model_dir",
+        str(tmp_path / "none"),
+        "--engine_dir",
+        str(tmp_path),
+        "--output_dir",
+        str(tmp_path / "repo"),
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("mgm-build repo: error: ") and "no config.json" in err and "Traceback" not in err
@@ -49,8 +57,12 @@ def test_mgm_build(tmp_path, capsys, monkeypatch):
 def test_python_m_entry_points_use_the_same_error_path(tmp_path, capsys):
     from build_engines import llm, vision
 
-    assert vision.main(["--model_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"),
-                        "--backend", "onnxruntime"]) == 2
+    assert (
+        vision.main(
+            ["--model_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o"), "--backend", "onnxruntime"]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("mgm-build vision: error: ")
     assert llm.main(["--model_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("mgm-build llm: error: ")
@@ -113,7 +125,20 @@ def test_mgm_ref_cli(tmp_path, capsys, monkeypatch):
 def test_mgm_build_llm_option_error_is_one_line(tiny_checkpoints, tmp_path, capsys):
     from build_engines import cli
 
-    rc = cli.main(["llm", "--model_dir", str(tiny_checkpoints("llama")), "--output_dir", str(tmp_path / "o"),
-                   "--max_input_len", "1024", "--max_seq_len", "512"])
+    rc = cli.main(
+        [
+            "llm",
+            "--model_dir",
+            str(tiny_checkpoints("llama")),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_input_len",
+            "1024",
+            "--max_seq_len",
+            "512",
+        ]
+    )
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err and err.startswith("mgm-build llm: error: --max_seq_len 512 must exceed"), err
+    assert (
+        rc == 2 and "Traceback" not in err and err.startswith("mgm-build llm: error: --max_seq_len 512 must exceed")
+    ), err

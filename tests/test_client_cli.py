@@ -28,8 +28,10 @@ QUESTION = "What is in the picture?"
 
 
 def test_build_question_is_the_original_cli_text():
-    assert cli.build_question("Read it.", "HELLO, WORLD", gen=True) == \
-        "Read it.\nReference OCR Token: HELLO, WORLD\n <GEN>"
+    assert (
+        cli.build_question("Read it.", "HELLO, WORLD", gen=True)
+        == "Read it.\nReference OCR Token: HELLO, WORLD\n <GEN>"
+    )
     assert cli.build_question("Read it.", "", gen=False) == "Read it."  # no tokens: nothing added
     assert cli.build_question("Draw a cat.", gen=True) == "Draw a cat. <GEN>"
 
@@ -54,7 +56,7 @@ def test_ocr_hint_and_gen_sit_inside_the_user_turn_for_every_template(conv_mode,
     # Exactly the plain prompt with the question swapped for question + hint: the user turn's text slot,
     # followed, unchanged, by the end of the user turn and the assistant header.
     start = plain.index(QUESTION)
-    tail = plain[start + len(QUESTION):]
+    tail = plain[start + len(QUESTION) :]
     assert plain.count(QUESTION) == 1 and prompt == plain[:start] + sent + tail
     hint = prompt.index("\nReference OCR Token: HELLO, WORLD\n <GEN>")
     assert hint == start + len(QUESTION) and prompt.endswith(sent + tail)
@@ -81,17 +83,20 @@ def test_ocr_finds_the_rendered_words_and_they_reach_the_question():
 # ---------------------------------------------------------------------------------------- <h> spans
 
 
-@pytest.mark.parametrize("answer,expected", [
-    ("A cat on a mat. <h>a photo of a cat on a mat, 4k</h>", "a photo of a cat on a mat, 4k"),
-    ("<h>first</h> then <h> second </h> and text", "second"),          # the last span, stripped
-    ("<h>first</h> then <h>unclosed", "first"),                        # the last *complete* span
-    ("<h>a <h>nested</h>", "nested"),
-    ("no tags at all", None),
-    ("only a closing </h> tag", None),
-    ("<h>   </h>", None),
-    ("<h>opened but never closed", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        ("A cat on a mat. <h>a photo of a cat on a mat, 4k</h>", "a photo of a cat on a mat, 4k"),
+        ("<h>first</h> then <h> second </h> and text", "second"),  # the last span, stripped
+        ("<h>first</h> then <h>unclosed", "first"),  # the last *complete* span
+        ("<h>a <h>nested</h>", "nested"),
+        ("no tags at all", None),
+        ("only a closing </h> tag", None),
+        ("<h>   </h>", None),
+        ("<h>opened but never closed", None),
+        ("", None),
+    ],
+)
 def test_extract_image_prompt(answer, expected):
     assert extract_image_prompt(answer) == expected
     if expected is not None:  # the original's expression agrees whenever there is a span
@@ -140,6 +145,7 @@ def test_generation_renders_from_a_local_folder_only(monkeypatch, tmp_path):
 
 class FakeClient:
     """Stands in for MGMClient: records requests, answers with canned text."""
+
     requests: ClassVar[list] = []
     answers: ClassVar[list] = []
 
@@ -151,6 +157,7 @@ class FakeClient:
 
     def generate(self, prompt, images, **kwargs):
         from client.mgm_client import Answer
+
         FakeClient.requests.append((prompt, len(images), kwargs))
         return Answer(text=FakeClient.answers.pop(0))
 
@@ -173,8 +180,9 @@ def run_cli(argv, monkeypatch, capsys, answers, stdin=None):
 
 def test_cli_gen_prints_the_extracted_prompt_and_what_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "diffusers", None)
-    rc, out, err = run_cli(["--prompt", "Draw a red car.", "--gen"], monkeypatch, capsys,
-                           ["Here you go. <h>a shiny red car</h>"])
+    rc, out, err = run_cli(
+        ["--prompt", "Draw a red car.", "--gen"], monkeypatch, capsys, ["Here you go. <h>a shiny red car</h>"]
+    )
     assert rc == 0 and FakeClient.requests[0][0] == "Draw a red car. <GEN>"
     assert "Image prompt: a shiny red car" in out and "diffusers is not installed" in err
 
@@ -217,15 +225,37 @@ def mgm_client(served, *args, stdin=None, protocol="grpc"):
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("protocol,model,stream", [
-    ("grpc", "mgm_bls", False), ("grpc", "mgm_bls", True), ("http", "mgm_bls", True),
-    ("grpc", "ensemble", False), ("http", "ensemble", False),
-])
+@pytest.mark.parametrize(
+    "protocol,model,stream",
+    [
+        ("grpc", "mgm_bls", False),
+        ("grpc", "mgm_bls", True),
+        ("http", "mgm_bls", True),
+        ("grpc", "ensemble", False),
+        ("http", "ensemble", False),
+    ],
+)
 def test_cli_answers_like_mgm_ref(served, images, protocol, model, stream):
     expected, _ = served.expected(QUESTION, [(images / "a.png").read_bytes()], MAX_TOKENS)
-    r = mgm_client(served, "--model", model, "--image", images / "a.png", "--prompt", QUESTION,
-                   "--temperature", 0, "--top_p", 0.9, "--max_tokens", MAX_TOKENS, "--conv_mode", "vicuna_v1",
-                   *(["--stream"] if stream else []), protocol=protocol)
+    r = mgm_client(
+        served,
+        "--model",
+        model,
+        "--image",
+        images / "a.png",
+        "--prompt",
+        QUESTION,
+        "--temperature",
+        0,
+        "--top_p",
+        0.9,
+        "--max_tokens",
+        MAX_TOKENS,
+        "--conv_mode",
+        "vicuna_v1",
+        *(["--stream"] if stream else []),
+        protocol=protocol,
+    )
     assert r.returncode == 0, r.stderr
     assert expected.strip() and r.stdout == expected + "\n"
 
@@ -236,8 +266,18 @@ def test_cli_sampling_flags_and_two_images(served, images):
     sampling = dict(temperature=0.9, top_p=0.8, top_k=20, seed=7)
     expected = served.client().generate("Compare them.", two, max_tokens=MAX_TOKENS, **sampling).text
     flags = [x for k, v in sampling.items() for x in (f"--{k}", v)]
-    r = mgm_client(served, "--image", images / "a.png", "--image", images / "b.jpg", "--prompt", "Compare them.",
-                   "--max_tokens", MAX_TOKENS, *flags)
+    r = mgm_client(
+        served,
+        "--image",
+        images / "a.png",
+        "--image",
+        images / "b.jpg",
+        "--prompt",
+        "Compare them.",
+        "--max_tokens",
+        MAX_TOKENS,
+        *flags,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected + "\n"
 
@@ -247,31 +287,71 @@ def test_cli_interactive_chat_keeps_history(served, images):
     image = (images / "a.png").read_bytes()
     first, _ = served.expected("Describe it.", [image], MAX_TOKENS)
     second, _ = served.expected("And the colours?", [image], MAX_TOKENS, history=[("Describe it.", first.strip())])
-    r = mgm_client(served, "--image", images / "a.png", "--stream", "--temperature", 0, "--max_tokens", MAX_TOKENS,
-                   stdin="Describe it.\nAnd the colours?\n\n")
+    r = mgm_client(
+        served,
+        "--image",
+        images / "a.png",
+        "--stream",
+        "--temperature",
+        0,
+        "--max_tokens",
+        MAX_TOKENS,
+        stdin="Describe it.\nAnd the colours?\n\n",
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"USER: ASSISTANT: {first}\nUSER: ASSISTANT: {second}\nUSER: "
 
 
 @pytest.mark.server
 def test_cli_ocr_puts_the_rendered_words_in_the_prompt(served, images):
-    r = mgm_client(served, "--image", images / "text.png", "--ocr", "--prompt", "Read it.", "--debug",
-                   "--conv_mode", "vicuna_v1", "--max_tokens", MAX_TOKENS, "--temperature", 0)
+    r = mgm_client(
+        served,
+        "--image",
+        images / "text.png",
+        "--ocr",
+        "--prompt",
+        "Read it.",
+        "--debug",
+        "--conv_mode",
+        "vicuna_v1",
+        "--max_tokens",
+        MAX_TOKENS,
+        "--temperature",
+        0,
+    )
     assert r.returncode == 0, r.stderr
     tokens = re.search(r"OCR tokens: (.*)", r.stderr).group(1)
     assert all(w in tokens.upper() for w in OCR_WORDS)
     sent = f"Read it.\nReference OCR Token: {tokens}\n"
     assert f"question: {sent!r}" in r.stderr
     assert repr(f"USER: <image>\n{sent} ASSISTANT:")[1:-1] in r.stderr  # inside the user turn
-    expected = served.client().generate(sent, [(images / "text.png").read_bytes()], max_tokens=MAX_TOKENS,
-                                        temperature=0.0, conv_mode="vicuna_v1").text
+    expected = (
+        served.client()
+        .generate(
+            sent, [(images / "text.png").read_bytes()], max_tokens=MAX_TOKENS, temperature=0.0, conv_mode="vicuna_v1"
+        )
+        .text
+    )
     assert r.stdout == expected + "\n"
 
 
 @pytest.mark.server
 def test_cli_gen_with_a_tiny_model(served, images, tmp_path):
-    r = mgm_client(served, "--image", images / "a.png", "--gen", "--prompt", "Draw it.", "--debug",
-                   "--max_tokens", MAX_TOKENS, "--sd_model", tmp_path / "no-sdxl", "--output_file", tmp_path / "g.png")
+    r = mgm_client(
+        served,
+        "--image",
+        images / "a.png",
+        "--gen",
+        "--prompt",
+        "Draw it.",
+        "--debug",
+        "--max_tokens",
+        MAX_TOKENS,
+        "--sd_model",
+        tmp_path / "no-sdxl",
+        "--output_file",
+        tmp_path / "g.png",
+    )
     assert r.returncode == 0, r.stderr
     assert "question: 'Draw it. <GEN>'" in r.stderr
     # The tiny model writes no <h> span (if it ever did, the prompt is printed and the reason given).
@@ -286,15 +366,18 @@ def free_port() -> int:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("case,args,message", [
-    ("unreachable", ["--url", "127.0.0.1:{port}", "--ready_timeout", "1"], "cannot reach the server"),
-    ("missing image", ["--image", "{dir}/missing.png"], "cannot read image"),
-    ("not an image", ["--image", "{dir}/not-an-image.png"], "cannot decode the image"),
-    ("server-side error", ["--max_tokens", "0"], "max"),
-    ("bad template", ["--conv_mode", "nope"], "unknown conversation mode"),
-    ("bad temperature", ["--temperature", "-1"], "temperature"),
-    ("ocr without image", ["--ocr"], "--ocr needs"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("unreachable", ["--url", "127.0.0.1:{port}", "--ready_timeout", "1"], "cannot reach the server"),
+        ("missing image", ["--image", "{dir}/missing.png"], "cannot read image"),
+        ("not an image", ["--image", "{dir}/not-an-image.png"], "cannot decode the image"),
+        ("server-side error", ["--max_tokens", "0"], "max"),
+        ("bad template", ["--conv_mode", "nope"], "unknown conversation mode"),
+        ("bad temperature", ["--temperature", "-1"], "temperature"),
+        ("ocr without image", ["--ocr"], "--ocr needs"),
+    ],
+)
 def test_cli_errors_exit_2_with_the_message(served, images, case, args, message):
     args = [a.format(port=free_port(), dir=images) for a in args]
     if case not in ("missing image", "not an image", "ocr without image"):

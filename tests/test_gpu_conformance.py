@@ -56,8 +56,13 @@ def gpu_repo(tiny_checkpoints, tmp_path_factory):
             tmp = tmp_path_factory.mktemp(f"gpu-{engine_dtype}-{images}")
             ckpt = tiny_checkpoints(family, hd=hd)
             cfg = fake_vision(tmp / "eng", ckpt, "tensorrt")
-            contract = fake_llm_engine(tmp / "eng", cfg, dtype=engine_dtype, max_images_per_request=images,
-                                       max_input_len=cfg.tokens_per_image * images + 512)
+            contract = fake_llm_engine(
+                tmp / "eng",
+                cfg,
+                dtype=engine_dtype,
+                max_images_per_request=images,
+                max_input_len=cfg.tokens_per_image * images + 512,
+            )
             cache[key] = (build_repo(ckpt, tmp / "eng", tmp / "repo", "gpu"), contract)
         return cache[key]
 
@@ -71,7 +76,7 @@ def test_every_parameter_the_backend_requires_is_set(gpu_repo):
     assert not missing, f"the backend throws 'Cannot find parameter with name: {missing[0]}' ({F.MODEL_INSTANCE_STATE})"
     assert p["gpt_model_type"] in F.GPT_MODEL_TYPES
     assert p["batch_scheduler_policy"] in F.BATCH_SCHEDULER_POLICIES
-    assert p["guided_decoding_backend"] in F.GUIDED_DECODING_OFF_VALUES       # no guided decoding
+    assert p["guided_decoding_backend"] in F.GUIDED_DECODING_OFF_VALUES  # no guided decoding
     assert Path(p["tokenizer_dir"]).is_dir() and Path(p["gpt_model_path"]).name == "engine"
 
 
@@ -150,8 +155,9 @@ def test_preprocessing_ids_address_rows_of_this_request_only(gpu_repo, images):
 
     repo, built = gpu_repo("bfloat16", 3)
     p = params(parse(repo / "preprocessing" / "config.pbtxt"))
-    pre = Preprocessor(p["model_dir"], int(p["max_input_len"]), int(p["max_images_per_request"]),
-                       vocab_offset=int(p["vocab_offset"]))
+    pre = Preprocessor(
+        p["model_dir"], int(p["max_input_len"]), int(p["max_images_per_request"]), vocab_offset=int(p["vocab_offset"])
+    )
     out = pre("describe" + " <image>" * 0, [png(i) for i in range(images)])
     fake = out.input_ids[out.input_ids >= built.vocab_offset]
     # every request's fake ids restart at the offset (one table per request in the executor)
@@ -205,8 +211,9 @@ def test_vision_encoder_emits_the_table_in_the_engine_dtype(gpu_repo, fake_pb, e
     repo, _ = gpu_repo(engine_dtype)
     module = load_model_py(repo / "vision_encoder" / "1" / "model.py", f"vision_model_{engine_dtype}")
     model = module.TritonPythonModel.__new__(module.TritonPythonModel)
-    out = next(o for o in parse(repo / "vision_encoder" / "config.pbtxt").output
-               if o.name == "OUT_PROMPT_EMBEDDING_TABLE")
+    out = next(
+        o for o in parse(repo / "vision_encoder" / "config.pbtxt").output if o.name == "OUT_PROMPT_EMBEDDING_TABLE"
+    )
     model.table_type = dtype(out.data_type)
     model.table_dtype = None if model.table_type == "TYPE_BF16" else fake_pb.triton_string_to_numpy(model.table_type)
     rows = np.random.default_rng(0).standard_normal((1, 576, 128)).astype(np.float32)
@@ -221,8 +228,9 @@ def test_vision_encoder_reads_its_table_type_from_the_config(gpu_repo, fake_pb):
     repo, _ = gpu_repo("bfloat16")
     module = load_model_py(repo / "vision_encoder" / "1" / "model.py", "vision_model_init")
     # the model_config JSON Triton hands to initialize()
-    config = json_format.MessageToDict(parse(repo / "vision_encoder" / "config.pbtxt"),
-                                       preserving_proto_field_name=True)
+    config = json_format.MessageToDict(
+        parse(repo / "vision_encoder" / "config.pbtxt"), preserving_proto_field_name=True
+    )
     hidden = int(next(o for o in config["output"] if o["name"] == "OUT_PROMPT_EMBEDDING_TABLE")["dims"][-1])
     module.VisionRunner = types.SimpleNamespace(from_dir=lambda *a, **k: types.SimpleNamespace(hidden_size=hidden))
     model = module.TritonPythonModel()
@@ -235,8 +243,10 @@ def test_bls_sends_a_table_only_with_image_rows(gpu_repo, fake_pb, rows):
     repo, _ = gpu_repo("bfloat16")
     module = load_model_py(repo / "mgm_bls" / "1" / "model.py", f"bls_model_{rows}")
     table = torch.zeros((1, rows, 128), dtype=torch.bfloat16)
-    vis = {"OUT_PROMPT_EMBEDDING_TABLE": FakeTensor("OUT_PROMPT_EMBEDDING_TABLE", table),
-           "OUT_PROMPT_VOCAB_SIZE": FakeTensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows]], np.int32))}
+    vis = {
+        "OUT_PROMPT_EMBEDDING_TABLE": FakeTensor("OUT_PROMPT_EMBEDDING_TABLE", table),
+        "OUT_PROMPT_VOCAB_SIZE": FakeTensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows]], np.int32)),
+    }
     sent = {t.name: t for t in module.prompt_table_inputs(vis)}
     if rows == 0:
         assert sent == {}
@@ -250,14 +260,16 @@ def test_bls_sends_a_table_only_with_image_rows(gpu_repo, fake_pb, rows):
 def test_bls_asks_tensorrt_llm_for_every_output_it_must(gpu_repo, fake_pb):
     module = load_model_py(gpu_repo()[0] / "mgm_bls" / "1" / "model.py", "bls_model_outputs")
     for name in F.OUTPUTS_EVERY_REQUEST_MUST_ASK_FOR:
-        assert name in module.LLM_OUTPUTS, f"{name} not requested: the backend fails the response ({F.MODEL_INSTANCE_STATE})"
+        assert name in module.LLM_OUTPUTS, (
+            f"{name} not requested: the backend fails the response ({F.MODEL_INSTANCE_STATE})"
+        )
 
 
 # ---- build_engine.sh ----------------------------------------------------------------------------------
 def script_flags(script: Path) -> dict[str, str | None]:
     body = script.read_text().split("\n", 5)[-1].replace("\\\n", " ")
     words = shlex.split(body)
-    words = words[words.index("trtllm-build") + 1:]
+    words = words[words.index("trtllm-build") + 1 :]
     flags, i = {}, 0
     while i < len(words):
         flag = words[i]
@@ -267,13 +279,21 @@ def script_flags(script: Path) -> dict[str, str | None]:
     return flags
 
 
-@pytest.mark.parametrize("qformat,dtype_,kv", [("full_prec", "float16", None), ("full_prec", "bfloat16", None),
-                                               ("fp8", "float16", "fp8"), ("int4_awq", "bfloat16", None),
-                                               ("int8_sq", "float16", "int8")])
+@pytest.mark.parametrize(
+    "qformat,dtype_,kv",
+    [
+        ("full_prec", "float16", None),
+        ("full_prec", "bfloat16", None),
+        ("fp8", "float16", "fp8"),
+        ("int4_awq", "bfloat16", None),
+        ("int8_sq", "float16", "int8"),
+    ],
+)
 def test_build_engine_sh_uses_only_real_trtllm_build_flags(tmp_path, qformat, dtype_, kv):
     limits = T.engine_limits(max_batch_size=4, tokens_per_image=576, max_images_per_request=2, max_input_len=2048)
-    argv = T.trtllm_build_argv("checkpoint", "engine", limits, dtype=dtype_, qformat=qformat, kv_cache_dtype=kv,
-                               workers=2)
+    argv = T.trtllm_build_argv(
+        "checkpoint", "engine", limits, dtype=dtype_, qformat=qformat, kv_cache_dtype=kv, workers=2
+    )
     flags = script_flags(T.write_build_script(tmp_path / "build_engine.sh", argv))
     assert set(flags) <= F.TRTLLM_BUILD_FLAGS, sorted(set(flags) - F.TRTLLM_BUILD_FLAGS)
     for flag, allowed in F.FLAG_VALUE_KIND.items():
@@ -296,20 +316,36 @@ def test_repo_limits_are_the_ones_the_engine_build_wrote(tiny_checkpoints, tmp_p
     ckpt = tiny_checkpoints("llama")
     eng = tmp_path / "eng"
     args = L.add_llm_arguments(argparse.ArgumentParser()).parse_args(
-        ["--model_dir", str(ckpt), "--output_dir", str(eng / "llm"), "--dtype", dtype_, "--max_batch_size", "4",
-         "--max_images_per_request", "2", "--max_input_len", "1600"])
+        [
+            "--model_dir",
+            str(ckpt),
+            "--output_dir",
+            str(eng / "llm"),
+            "--dtype",
+            dtype_,
+            "--max_batch_size",
+            "4",
+            "--max_images_per_request",
+            "2",
+            "--max_input_len",
+            "1600",
+        ]
+    )
     res = L.run_llm_build(args, log=lambda m: None)
     info = json.loads(res.build_info.read_text())
     flags = script_flags(res.script)
     (eng / "llm" / "engine").mkdir()
-    (eng / "llm" / "engine" / "config.json").write_text("{}")   # what trtllm-build would have written
+    (eng / "llm" / "engine" / "config.json").write_text("{}")  # what trtllm-build would have written
     fake_vision(eng, ckpt, "tensorrt")
     repo = build_repo(ckpt, eng, tmp_path / "repo", "gpu")
     served = read_llm_contract(repo / "tensorrt_llm" / "contract.json")
     assert served.to_dict() == info["contract"]
     assert (served.max_input_len, served.max_seq_len, served.max_batch_size, served.max_multimodal_len) == (
-        int(flags["--max_input_len"]), int(flags["--max_seq_len"]), int(flags["--max_batch_size"]),
-        int(flags["--max_multimodal_len"]))
+        int(flags["--max_input_len"]),
+        int(flags["--max_seq_len"]),
+        int(flags["--max_batch_size"]),
+        int(flags["--max_multimodal_len"]),
+    )
     assert served.dtype == dtype_ and served.prompt_table_type == F.PROMPT_TABLE_TYPE_FOR_ENGINE_DTYPE[dtype_]
     pre = params(parse(repo / "preprocessing" / "config.pbtxt"))
     assert (int(pre["max_seq_len"]), int(pre["max_images_per_request"])) == (1600 + 512, 2)
@@ -322,7 +358,7 @@ def test_the_image_pinned_everywhere_ships_trtllm_1_2_1():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"ARG TRITON_IMAGE={F.IMAGE}" in dockerfile and "25.12" not in dockerfile.split("ARG")[1]
     readme = (ROOT / "README.md").read_text()
-    gpu = readme[readme.index("## GPU flow"):]
+    gpu = readme[readme.index("## GPU flow") :]
     assert F.IMAGE in gpu and "25.12-trtllm" not in gpu
     for fact in (F.IMAGE_TRTLLM, F.IMAGE_TENSORRT, "0.37"):
         assert fact in gpu, fact

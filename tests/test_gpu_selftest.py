@@ -18,7 +18,7 @@ def test_selftest_without_the_gpu_stack_names_what_is_missing(tmp_path, capsys):
     assert "cannot run the GPU selftest here; missing:" in err and S.IMAGE in err
     assert not checks["tensorrtllm backend"].ok and "tensorrtllm backend" in err
     assert "preflight:" in out and "FAIL" in out
-    assert not (tmp_path / "work" / "engines").exists()      # nothing was built
+    assert not (tmp_path / "work" / "engines").exists()  # nothing was built
 
 
 def test_reference_prefix_is_mgm_refs_greedy_answer_cut_at_a_low_margin(tiny_checkpoints):
@@ -28,6 +28,9 @@ def test_reference_prefix_is_mgm_refs_greedy_answer_cut_at_a_low_margin(tiny_che
 
     ref = load_model(tiny_checkpoints("llama"))
     prefix = S.reference_prefix(ref, "Say something.", [])
-    greedy = ref.generate([ref.tokenize(build_prompt(ref.conv_mode, "Say something.", 0))], None,
-                          GenerationParams(max_new_tokens=S.MAX_TOKENS, temperature=0))[0]
-    assert prefix == greedy[:len(prefix)] and len(prefix) <= S.MAX_TOKENS
+    greedy = ref.generate(
+        [ref.tokenize(build_prompt(ref.conv_mode, "Say something.", 0))],
+        None,
+        GenerationParams(max_new_tokens=S.MAX_TOKENS, temperature=0),
+    )[0]
+    assert prefix == greedy[: len(prefix)] and len(prefix) <= S.MAX_TOKENS

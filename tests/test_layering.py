@@ -173,7 +173,9 @@ def test_the_checker_sees_upward_sideways_function_level_and_cyclic_imports(tmp_
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     g = import_graph(modules)
     assert {(s, d) for s, d, _ in layer_violations(g)} == {
-        ("mgm_ref.a", "client.c"), ("build_engines.b", "triton_models.t"),
-        ("triton_models.templates.m.1.model", "build_engines.b")}
+        ("mgm_ref.a", "client.c"),
+        ("build_engines.b", "triton_models.t"),
+        ("triton_models.templates.m.1.model", "build_engines.b"),
+    }
     assert ["triton_models.t", "triton_models.u"] in cycles(g)
     assert g["client.c"] == {"mgm_ref.a"}

@@ -2,6 +2,8 @@
 tp/pp ranks, and the checkpoint's fidelity checked without TensorRT-LLM (weights mapped back to transformers).
 
 The fidelity numbers are printed (run with -s to see them) and kept in the JUnit properties.
+
+Over 400 lines: one file per command under test (`mgm-build llm`); the served tests are elsewhere.
 """
 
 from __future__ import annotations
@@ -25,14 +27,20 @@ from mgm_ref.constants import IMAGE_TOKEN_INDEX
 from mgm_ref.loader import load_llm, load_model
 from mgm_runtime.numerics import rel_l2
 
+pytestmark = pytest.mark.slow  # model builds and exports: seconds each (left out of `make test-fast`)
+
 FAST = ["--calib_images", "off", "--calib_size", "4", "--calib_max_len", "48"]
 SUPPORTED = [(f, q) for f in ("llama", "gemma", "mixtral") for q in Q.QFORMATS if (f, q) != ("mixtral", "int8_sq")]
-quiet = lambda s: None
+
+
+def quiet(_message: str) -> None:
+    pass
 
 
 def llm_args(model_dir, output_dir, *extra: str) -> argparse.Namespace:
     return L.add_llm_arguments(argparse.ArgumentParser()).parse_args(
-        ["--model_dir", str(model_dir), "--output_dir", str(output_dir), *extra])
+        ["--model_dir", str(model_dir), "--output_dir", str(output_dir), *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +64,10 @@ def test_export_matrix(build, family, qformat):
     res = build(family, "--qformat", qformat, *FAST)
     config = json.loads((res.checkpoint_dir / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == Q.QUANT_ALGO[qformat]
-    assert config["architecture"] == {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM",
-                                      "mixtral": "MixtralForCausalLM"}[family]
+    assert (
+        config["architecture"]
+        == {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM", "mixtral": "MixtralForCausalLM"}[family]
+    )
     assert sorted(p.name for p in res.checkpoint_dir.iterdir()) == ["config.json", "rank0.safetensors"]
     info = json.loads(res.build_info.read_text())
     assert info["quantization"]["qformat"] == qformat and info["tools"]["modelopt"] == Q.modelopt_version()
@@ -73,8 +83,9 @@ def test_export_matrix(build, family, qformat):
     assert set(info["timings_s"]) >= {"load_llm", "export", "command", "total"}
     assert (res.output_dir / "build_engine.sh").stat().st_mode & stat.S_IXUSR
     weights = C.load_ranks(res.checkpoint_dir)[0]
-    dtype = {"full_prec": torch.float16, "fp8": torch.float8_e4m3fn, "int8_sq": torch.int8,
-             "int4_awq": torch.int8}[qformat]
+    dtype = {"full_prec": torch.float16, "fp8": torch.float8_e4m3fn, "int8_sq": torch.int8, "int4_awq": torch.int8}[
+        qformat
+    ]
     assert weights["transformer.layers.0.attention.qkv.weight"].dtype == dtype
     assert not any(".vision" in k or "mm_projector" in k or "vlm_uni" in k for k in weights)
 
@@ -92,20 +103,21 @@ def test_multimodal_calibration_uses_projector_rows(build):
     res = build("llama", "--qformat", "fp8", "--calib_size", "2", "--calib_num_images", "1")
     calib = res.info["quantization"]["calibration"]
     assert calib["mode"] == "multimodal" and "real projector outputs" in calib["reason"]
-    assert calib["tokens_min"] > 576                     # every sample carries one image's 576 rows
+    assert calib["tokens_min"] > 576  # every sample carries one image's 576 rows
 
 
 def test_calibration_splices_image_rows_like_mgm_ref(tiny_checkpoints):
     """The calibration forward feeds the LLM exactly what mgm_ref's splice feeds it."""
     model = load_model(tiny_checkpoints("gemma"), torch.float32, "cpu")
-    calib = llm_calib.build_calibration_set(tiny_checkpoints("gemma"), model.config, model.tokenizer, 1,
-                                            num_images=1, dtype=torch.float32, log=quiet)
+    calib = llm_calib.build_calibration_set(
+        tiny_checkpoints("gemma"), model.config, model.tokenizer, 1, num_images=1, dtype=torch.float32, log=quiet
+    )
     sample = calib.samples[0]
     assert sample.ids.count(IMAGE_TOKEN_INDEX) == 1 and calib.conv_mode == "gemma"
     ours = llm_calib.splice_embeddings(model.llm, sample.ids, calib.image_features[0])
     # built by hand: the text rows of the embedding table around the image's rows, at the tag
     table, tag = model.llm.get_input_embeddings().weight, sample.ids.index(IMAGE_TOKEN_INDEX)
-    expected = torch.cat([table[sample.ids[:tag]], calib.image_features[0], table[sample.ids[tag + 1:]]])
+    expected = torch.cat([table[sample.ids[:tag]], calib.image_features[0], table[sample.ids[tag + 1 :]]])
     assert torch.equal(ours, expected[None])
 
 
@@ -114,12 +126,20 @@ def test_bad_image_dir_falls_back_to_text_only_and_says_why(tiny_checkpoints, tm
     from mgm_ref.loader import load_tokenizer
 
     path = tiny_checkpoints("llama")
-    calib = llm_calib.build_calibration_set(path, MGMConfig.from_model_dir(path), load_tokenizer(path), 2,
-                                            image_dir=tmp_path, log=quiet)
+    calib = llm_calib.build_calibration_set(
+        path, MGMConfig.from_model_dir(path), load_tokenizer(path), 2, image_dir=tmp_path, log=quiet
+    )
     assert calib.mode == "text" and "vision path is unavailable" in calib.reason
     with pytest.raises(ValueError, match="no .jpg"):
-        llm_calib.build_calibration_set(path, MGMConfig.from_model_dir(path), load_tokenizer(path), 2,
-                                        mode="multimodal", image_dir=tmp_path, log=quiet)
+        llm_calib.build_calibration_set(
+            path,
+            MGMConfig.from_model_dir(path),
+            load_tokenizer(path),
+            2,
+            mode="multimodal",
+            image_dir=tmp_path,
+            log=quiet,
+        )
 
 
 def test_auto_calibration_falls_back_only_for_a_missing_vision_path(tiny_checkpoints, monkeypatch):
@@ -140,8 +160,9 @@ def test_auto_calibration_falls_back_only_for_a_missing_vision_path(tiny_checkpo
 
 
 # ---- tensor / pipeline parallel ranks -------------------------------------------------------------------
-@pytest.mark.parametrize("family,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2), ("gemma", 2, 1),
-                                          ("mixtral", 2, 2)])
+@pytest.mark.parametrize(
+    "family,tp,pp", [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2), ("gemma", 2, 1), ("mixtral", 2, 2)]
+)
 def test_parallel_ranks(build, family, tp, pp):
     full = build(family, "--qformat", "full_prec")
     res = build(family, "--qformat", "full_prec", "--tp_size", str(tp), "--pp_size", str(pp))
@@ -179,18 +200,24 @@ def test_concatenated_tp_shards_are_the_full_weights(build):
     full = C.load_ranks(build("llama", "--qformat", "full_prec").checkpoint_dir)[0]
     r0, r1 = C.load_ranks(build("llama", "--qformat", "full_prec", "--tp_size", "2", "--pp_size", "1").checkpoint_dir)
     p = "transformer.layers.1."
-    assert torch.equal(torch.cat([r0[p + "attention.dense.weight"], r1[p + "attention.dense.weight"]], 1),
-                       full[p + "attention.dense.weight"])                                      # row parallel
-    assert torch.equal(torch.cat([r0[p + "mlp.proj.weight"], r1[p + "mlp.proj.weight"]], 1), full[p + "mlp.proj.weight"])
-    for name in ("mlp.fc.weight", "mlp.gate.weight"):                                           # column parallel
+    assert torch.equal(
+        torch.cat([r0[p + "attention.dense.weight"], r1[p + "attention.dense.weight"]], 1),
+        full[p + "attention.dense.weight"],
+    )  # row parallel
+    assert torch.equal(
+        torch.cat([r0[p + "mlp.proj.weight"], r1[p + "mlp.proj.weight"]], 1), full[p + "mlp.proj.weight"]
+    )
+    for name in ("mlp.fc.weight", "mlp.gate.weight"):  # column parallel
         assert torch.equal(torch.cat([r0[p + name], r1[p + name]], 0), full[p + name])
-    q, kv = 2 * 32, 1 * 32                                  # per rank: 2 of 4 query heads, 1 of 2 KV heads
+    q, kv = 2 * 32, 1 * 32  # per rank: 2 of 4 query heads, 1 of 2 KV heads
     split = [t[p + "attention.qkv.weight"].split([q, kv, kv]) for t in (r0, r1)]
-    assert torch.equal(torch.cat([split[0][0], split[1][0], split[0][1], split[1][1], split[0][2], split[1][2]]),
-                       full[p + "attention.qkv.weight"])
-    for name in ("transformer.vocab_embedding.weight", "lm_head.weight"):                       # vocab parallel
+    assert torch.equal(
+        torch.cat([split[0][0], split[1][0], split[0][1], split[1][1], split[0][2], split[1][2]]),
+        full[p + "attention.qkv.weight"],
+    )
+    for name in ("transformer.vocab_embedding.weight", "lm_head.weight"):  # vocab parallel
         assert torch.equal(torch.cat([r0[name], r1[name]], 0), full[name])
-    assert torch.equal(r0[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])   # replicated
+    assert torch.equal(r0[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])  # replicated
     assert torch.equal(r1[p + "input_layernorm.weight"], full[p + "input_layernorm.weight"])
 
 
@@ -262,11 +289,18 @@ def share_fused_scales(model, family):
                     m.input_quantizer.amax = amax
 
 
-@pytest.mark.parametrize("family,qformat", [("llama", "fp8"), ("gemma", "fp8"), ("mixtral", "fp8"),
-                                            ("llama", "int8_sq"), ("gemma", "int8_sq"),
-                                            ("llama", "int4_awq")])
-def test_quantized_checkpoint_matches_modelopt_fake_quant(tiny_checkpoints, tmp_path, family, qformat,
-                                                          record_property):
+@pytest.mark.parametrize(
+    "family,qformat",
+    [
+        ("llama", "fp8"),
+        ("gemma", "fp8"),
+        ("mixtral", "fp8"),
+        ("llama", "int8_sq"),
+        ("gemma", "int8_sq"),
+        ("llama", "int4_awq"),
+    ],
+)
+def test_quantized_checkpoint_matches_modelopt_fake_quant(tiny_checkpoints, tmp_path, family, qformat, record_property):
     """Dequantize the exported weights, emulate the engine's activation quantization with the exported
     scales, and compare logits with ModelOpt's fake-quantized model (fp32 on both sides)."""
     path = tiny_checkpoints(family)
@@ -278,7 +312,7 @@ def test_quantized_checkpoint_matches_modelopt_fake_quant(tiny_checkpoints, tmp_
     Q.quantize(llm, qformat, None, llm_calib.make_forward_loop(calib), family)
     fake = copy.deepcopy(llm).float()
     shared = copy.deepcopy(llm)
-    share_fused_scales(shared, family)      # in the model's 16-bit dtype, as the export does it
+    share_fused_scales(shared, family)  # in the model's 16-bit dtype, as the export does it
     shared = shared.float()
     with torch.no_grad():
         ref_fake, ref_shared = fake(ids).logits, shared(ids).logits
@@ -289,10 +323,12 @@ def test_quantized_checkpoint_matches_modelopt_fake_quant(tiny_checkpoints, tmp_
     with torch.no_grad():
         got = rebuilt(ids).logits
     errors = {
-        "vs_fake_quant": rel_l2(got, ref_fake), "vs_fake_quant_shared_scales": rel_l2(got, ref_shared),
+        "vs_fake_quant": rel_l2(got, ref_fake),
+        "vs_fake_quant_shared_scales": rel_l2(got, ref_shared),
         "fake_quant_vs_original": rel_l2(ref_fake, original),
         "max_abs_vs_fake_quant": (got - ref_fake).abs().max().item(),
-        "max_abs_vs_shared": (got - ref_shared).abs().max().item(), "logit_scale": ref_fake.abs().max().item(),
+        "max_abs_vs_shared": (got - ref_shared).abs().max().item(),
+        "logit_scale": ref_fake.abs().max().item(),
         "argmax_agree_vs_fake_quant": (got.argmax(-1) == ref_fake.argmax(-1)).float().mean().item(),
     }
     # Weight by weight: with the fused scales shared, the exported codes equal ModelOpt's fake-quant codes
@@ -319,12 +355,12 @@ def test_quantized_checkpoint_matches_modelopt_fake_quant(tiny_checkpoints, tmp_
     # rounding of ties, and for AWQ a re-smoothing of q/k/v and gate/up onto one pre-quant scale. Together they
     # stay below the quantization error itself.
     assert errors["vs_fake_quant"] < 1.5 * errors["fake_quant_vs_original"]
-    if qformat == "int4_awq":                      # no ties to explain: resmoothing is the only difference
+    if qformat == "int4_awq":  # no ties to explain: resmoothing is the only difference
         assert errors["vs_fake_quant_shared_scales"] < 0.1 * errors["fake_quant_vs_original"]
     else:
         assert errors["vs_fake_quant_shared_scales"] < errors["fake_quant_vs_original"]
         assert errors["weight_codes_at_ties"] < 0.01
-    if (family, qformat) == ("llama", "fp8"):      # no ties hit on this model: the emulation is exact
+    if (family, qformat) == ("llama", "fp8"):  # no ties hit on this model: the emulation is exact
         assert errors["weight_codes_at_ties"] == 0 and errors["max_abs_vs_shared"] < 1e-5
 
 
@@ -336,17 +372,17 @@ def test_gemma_prompt_table_rows_get_the_same_sqrt_hidden_scaling(build, tiny_ch
     path = tiny_checkpoints("gemma")
     res = build("gemma", "--qformat", "full_prec")
     model = load_model(path, torch.float32, "cpu")
-    model.llm = load_llm(path, torch.float16, "cpu")[0].float()   # the weights as the fp16 checkpoint holds them
-    feats = model.image_features(llm_calib.synthetic_images(1))            # (1, 576, H) raw projector output
+    model.llm = load_llm(path, torch.float16, "cpu")[0].float()  # the weights as the fp16 checkpoint holds them
+    feats = model.image_features(llm_calib.synthetic_images(1))  # (1, 576, H) raw projector output
     prompt = llm_calib.conversation_texts(model.conv_mode, 1, with_image=True)[0]
     ids = model.tokenize(prompt)
-    reference = model.logits([ids], feats)[0]                               # mgm_ref: splice + HF Gemma
+    reference = model.logits([ids], feats)[0]  # mgm_ref: splice + HF Gemma
 
     config, merged = C.load_merged(res.checkpoint_dir)
     engine_llm = C.build_hf_model(merged, config, model.config.llm_config, torch.float32)
     vocab = res.info["multimodal"]["prompt_table_vocab_offset"]
     pos = ids.index(IMAGE_TOKEN_INDEX)
-    fake_ids = torch.tensor(ids[:pos] + list(range(vocab, vocab + feats.shape[1])) + ids[pos + 1:])
+    fake_ids = torch.tensor(ids[:pos] + list(range(vocab, vocab + feats.shape[1])) + ids[pos + 1 :])
     table = feats.reshape(-1, feats.shape[-1])
     embedding = merged["transformer.vocab_embedding.weight"]
 
@@ -355,11 +391,13 @@ def test_gemma_prompt_table_rows_get_the_same_sqrt_hidden_scaling(build, tiny_ch
         with torch.no_grad():
             return engine_llm(inputs_embeds=emb).logits[0]
 
-    normalizer = engine_llm.model.config.hidden_size ** 0.5
+    normalizer = engine_llm.model.config.hidden_size**0.5
     err = (logits(table) - reference).abs().max().item()
     wrong = (logits(table * normalizer) - reference).abs().max().item()
-    print(f"\ngemma prompt table: max|dlogit| {err:.3g} with raw rows, {wrong:.3g} with rows pre-scaled by "
-          f"sqrt({engine_llm.model.config.hidden_size})")
+    print(
+        f"\ngemma prompt table: max|dlogit| {err:.3g} with raw rows, {wrong:.3g} with rows pre-scaled by "
+        f"sqrt({engine_llm.model.config.hidden_size})"
+    )
     assert err < 1e-4
     assert wrong > 100 * max(err, 1e-6)
     assert res.info["multimodal"]["embedding_scale"].startswith("sqrt(hidden_size)")
@@ -372,8 +410,10 @@ def test_gemma_prompt_table_rows_get_the_same_sqrt_hidden_scaling(build, tiny_ch
     tanh_config.hidden_activation = tanh_config.hidden_act = "gelu_pytorch_tanh"
     engine_llm = C.build_hf_model(merged, config, tanh_config, torch.float32)
     tanh_err = (logits(table) - reference).abs().max().item()
-    print(f"gemma tanh-GELU (TensorRT-LLM gelu) vs exact GELU: max|dlogit| {tanh_err:.3g} "
-          f"(logits up to {reference.abs().max().item():.3g})")
+    print(
+        f"gemma tanh-GELU (TensorRT-LLM gelu) vs exact GELU: max|dlogit| {tanh_err:.3g} "
+        f"(logits up to {reference.abs().max().item():.3g})"
+    )
     assert 0 < tanh_err < 0.05 * reference.abs().max().item()
 
 
@@ -381,12 +421,14 @@ def test_calibration_truncates_the_spliced_sequence(tiny_checkpoints):
     """--calib_max_len below the image rows cuts the spliced sequence (as MGM truncates), not the text ids."""
     path = tiny_checkpoints("llama")
     model = load_model(path, torch.float32, "cpu")
-    calib = llm_calib.build_calibration_set(path, model.config, model.tokenizer, 2, num_images=1, max_len=100,
-                                            dtype=torch.float32, log=quiet)
+    calib = llm_calib.build_calibration_set(
+        path, model.config, model.tokenizer, 2, num_images=1, max_len=100, dtype=torch.float32, log=quiet
+    )
     assert calib.mode == "multimodal" and calib.stats["truncated"] == 2 and calib.stats["tokens_max"] == 100
     seen = []
     handle = model.llm.model.register_forward_pre_hook(
-        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     llm_calib.make_forward_loop(calib)(model.llm)
     handle.remove()
     assert seen == [100, 100]

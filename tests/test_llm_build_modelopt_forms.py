@@ -29,13 +29,24 @@ VENV = ROOT / "work_dirs" / f"modelopt-{OLD_MODELOPT}-venv"
 # (qformat, kv_cache_dtype)
 BUILDS = [("fp8", None), ("int4_awq", None), ("int8_sq", None), ("full_prec", "fp8")]
 # Registry answers that mean "cannot install here", not "our code is wrong"
-REFUSED = ("No matching distribution", "Could not find a version", "ConnectionError", "Network is unreachable",
-           "Failed to establish a new connection", "403", "404 Client Error", "ProxyError")
+REFUSED = (
+    "No matching distribution",
+    "Could not find a version",
+    "ConnectionError",
+    "Network is unreachable",
+    "Failed to establish a new connection",
+    "403",
+    "404 Client Error",
+    "ProxyError",
+)
+
+pytestmark = pytest.mark.slow  # model builds and exports: seconds each (left out of `make test-fast`)
 
 RUNNER = r"""
 import argparse, json, sys, time
 import modelopt
 from build_engines import llm as L
+
 model_dir, out = sys.argv[1], sys.argv[2]
 done = {"modelopt": modelopt.__version__, "builds": {}}
 for spec in json.loads(sys.argv[3]):
@@ -59,13 +70,32 @@ def modelopt_037_python() -> Path:
     if marker.is_file() and python.is_file():
         return python
     subprocess.run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(VENV)], check=True)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # our packages (torch, transformers, the project itself) after the venv's own modelopt
     Path(purelib, "zz_mgm_deploy_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", purelib,
-                          "-c", str(ROOT / "constraints-cpu.txt"), f"nvidia-modelopt=={OLD_MODELOPT}", "torchprofile"],
-                         capture_output=True, text=True)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            purelib,
+            "-c",
+            str(ROOT / "constraints-cpu.txt"),
+            f"nvidia-modelopt=={OLD_MODELOPT}",
+            "torchprofile",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if pip.returncode != 0:
         text = pip.stdout + pip.stderr
         if any(r in text for r in REFUSED):
@@ -77,11 +107,17 @@ def modelopt_037_python() -> Path:
 
 def run_builds(python: Path, model_dir: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([str(python), "-c", RUNNER, str(model_dir), str(out), json.dumps(BUILDS)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(python), "-c", RUNNER, str(model_dir), str(out), json.dumps(BUILDS)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +149,7 @@ def test_both_modelopt_forms_export_the_same_checkpoint(both_versions, name):
     assert old_raw.keys() == new_raw.keys()
     for key in new_raw:
         assert old_raw[key].dtype == new_raw[key].dtype and old_raw[key].shape == new_raw[key].shape, key
-        if "scaling_factor" in key or "scale" in key:   # calibrated scales: same data, same max/AWQ search
+        if "scaling_factor" in key or "scale" in key:  # calibrated scales: same data, same max/AWQ search
             assert rel(old_raw[key].float(), new_raw[key].float()) < 1e-2, key
     _, old_w = C.load_merged(old_dir)
     _, new_w = C.load_merged(new_dir)

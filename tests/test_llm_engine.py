@@ -30,6 +30,7 @@ def models(tiny_checkpoints):
         if llm not in cache:
             cache[llm] = load_model(tiny_checkpoints(llm))
         return cache[llm]
+
     return get
 
 
@@ -40,6 +41,7 @@ def engine_factory():
     def make(llm, **kw):
         engines.append(LLMEngine(llm, **kw))
         return engines[-1]
+
     yield make
     for e in engines:
         e.shutdown()
@@ -60,8 +62,9 @@ def random_request(model, key: int, text_len: int, table_rows: int = 24, **kw) -
     vocab, hidden = model.llm.config.vocab_size, model.llm.config.hidden_size
     ids = torch.randint(3, vocab, (text_len,), generator=g).tolist()
     table = torch.randn(table_rows, hidden, generator=g)
-    return GenerationRequest(ids[:3] + list(range(vocab, vocab + table_rows)) + ids[3:], table,
-                             request_id=f"r{key}", **kw)
+    return GenerationRequest(
+        ids[:3] + list(range(vocab, vocab + table_rows)) + ids[3:], table, request_id=f"r{key}", **kw
+    )
 
 
 # ---- parity with the reference -------------------------------------------------------------------
@@ -72,7 +75,7 @@ def test_greedy_image_prompt_matches_mgm_ref(models, engine_factory, llm):
     ids = tokenizer_image_token(build_prompt(model.conv_mode, Q), model.tokenizer)
     vocab = model.llm.config.vocab_size
     k = ids.index(IMAGE_TOKEN_INDEX)
-    fake_ids = ids[:k] + list(range(vocab, vocab + feats.shape[1])) + ids[k + 1:]
+    fake_ids = ids[:k] + list(range(vocab, vocab + feats.shape[1])) + ids[k + 1 :]
     n = 16
     ref = model.generate([ids], feats, GenerationParams(max_new_tokens=n, temperature=0))[0]
     engine = engine_factory(model.llm, max_batch_size=2)
@@ -94,6 +97,7 @@ def test_callback_and_poll_deliver_the_same_stream(models, engine_factory):
         events.append((token, final, threading.current_thread().name))
         if final:
             ended.set()
+
     polled, handle = [], engine.submit(req, callback=on_token)
     done = False
     while not done:
@@ -114,14 +118,18 @@ def test_in_flight_requests_get_their_solo_tokens(models, engine_factory, llm):
     model = models(llm)
     # short, long, medium, longest prompts: newcomers both shorter and longer than the running batch;
     # different max_new_tokens so rows leave at different times; greedy and sampled rows mixed
-    reqs = [random_request(model, 0, 8, max_new_tokens=30),
-            random_request(model, 1, 60, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11),
-            random_request(model, 2, 25, max_new_tokens=24, temperature=1.0, top_k=20, seed=12),
-            random_request(model, 3, 90, max_new_tokens=18)]
+    reqs = [
+        random_request(model, 0, 8, max_new_tokens=30),
+        random_request(model, 1, 60, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11),
+        random_request(model, 2, 25, max_new_tokens=24, temperature=1.0, top_k=20, seed=12),
+        random_request(model, 3, 90, max_new_tokens=18),
+    ]
     engine = engine_factory(model.llm, max_batch_size=4)
     solo = [engine.generate(r) for r in reqs]
     assert engine.stats["max_batch_seen"] == 1
-    assert len({tuple(s) for s in solo}) == 4 and all(len(s) == r.max_new_tokens for s, r in zip(solo, reqs))
+    assert len({tuple(s) for s in solo}) == 4 and all(
+        len(s) == r.max_new_tokens for s, r in zip(solo, reqs, strict=True)
+    )
 
     handles = []
     for r in reqs:  # each newcomer joins while the earlier ones are decoding
@@ -165,6 +173,7 @@ def test_engine_keeps_the_callers_attention_backend_and_native_gqa_matches_sdpa(
 
 def test_sampling_leaves_the_global_rngs_alone(models, engine_factory):
     import random
+
     model = models("llama")
     engine = engine_factory(model.llm)
     torch_state, py_state = torch.random.get_rng_state(), random.getstate()
@@ -190,6 +199,7 @@ def test_chunked_prefill_keeps_running_streams_flowing(models, engine_factory):
     def on_token(handle, token, final):  # runs in the engine thread: an exact count
         if token is not None and not at_first_token:
             at_first_token.append(len(running.tokens))
+
     late = engine.submit(newcomer, callback=on_token)
     assert late.result(timeout=30) == solo
     # the 300-token prompt took 19 turns of 16 tokens; the runner decoded a token in each of them
@@ -217,8 +227,8 @@ def test_cancel_frees_the_slot(models, engine_factory):
     dropped = engine.submit(random_request(model, 2, 10, max_new_tokens=5))
     wait_for(lambda: len(long.tokens) >= 2)
     assert not waiting.tokens and engine.num_pending == 2  # queued behind the only slot
-    dropped.cancel()   # cancelled while still queued
-    long.cancel()      # cancelled while running: its slot goes to `waiting`
+    dropped.cancel()  # cancelled while still queued
+    long.cancel()  # cancelled while running: its slot goes to `waiting`
     assert len(waiting.result(timeout=30)) == 5
     got = list(long)
     assert long.finish_reason == "cancelled" and 2 <= len(got) < 4000
@@ -232,7 +242,7 @@ def test_bad_request_fails_alone(models, engine_factory):
     engine = engine_factory(model.llm, max_batch_size=4)
     solo = [engine.generate(r) for r in good]
     bad = random_request(model, 7, 10, max_new_tokens=15)
-    bad.prompt_table[3, 5] = float("nan")   # only detectable inside the engine
+    bad.prompt_table[3, 5] = float("nan")  # only detectable inside the engine
     handles = [engine.submit(good[0]), engine.submit(bad), engine.submit(good[1])]
     wait_for(lambda: len(handles[0].tokens) >= 2)
     handles.append(engine.submit(good[2]))
@@ -249,6 +259,7 @@ def test_bad_request_fails_alone(models, engine_factory):
         if handle.request_id == "boom":
             raise RuntimeError("boom")
         return original(handle)
+
     engine._embed_prompt = flaky
     boom = engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=3, request_id="boom"))
     fine = engine.submit(good[0])
@@ -283,8 +294,17 @@ def test_submit_validation(models, engine_factory):
         with pytest.raises(ValueError, match=match):
             engine.submit(req)
     import numpy as np  # values straight from Triton inputs (numpy arrays / scalars) are accepted
-    engine.generate(GenerationRequest(np.array([1, vocab + 3, 2], np.int32), table.numpy(), max_new_tokens=np.int64(2),
-                                      temperature=0.5, top_k=np.int32(3), seed=np.uint64(7)))
+
+    engine.generate(
+        GenerationRequest(
+            np.array([1, vocab + 3, 2], np.int32),
+            table.numpy(),
+            max_new_tokens=np.int64(2),
+            temperature=0.5,
+            top_k=np.int32(3),
+            seed=np.uint64(7),
+        )
+    )
     assert engine.generate(GenerationRequest([1, vocab + 3, 2], table, max_new_tokens=2)) is not None
     assert engine.stats["failed"] == 0
 
@@ -325,9 +345,11 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(models, engine_factory):
     assert engine.generate(target) == alone
     other_seed = engine.generate(random_request(model, 5, 30, max_new_tokens=20, temperature=0.9, seed=99))
     assert other_seed != alone
-    mates = [random_request(model, 6, 50, max_new_tokens=25, temperature=1.2, top_k=8, seed=1),
-             random_request(model, 7, 9, max_new_tokens=25, temperature=0.7, top_p=0.8, seed=2),
-             random_request(model, 8, 70, max_new_tokens=25)]
+    mates = [
+        random_request(model, 6, 50, max_new_tokens=25, temperature=1.2, top_k=8, seed=1),
+        random_request(model, 7, 9, max_new_tokens=25, temperature=0.7, top_p=0.8, seed=2),
+        random_request(model, 8, 70, max_new_tokens=25),
+    ]
     handles = [engine.submit(m) for m in mates[:2]]
     wait_for(lambda: len(handles[0].tokens) >= 2)
     mine = engine.submit(target)
@@ -339,8 +361,8 @@ def test_seeded_sampling_does_not_depend_on_batch_mates(models, engine_factory):
 
 
 def test_sampler_follows_hf_warpers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     torch.manual_seed(0)
     vocab, draws = 50, 3000
     logits = torch.randn(vocab) * 2

@@ -23,6 +23,8 @@ from mgm_ref.tiny import build_tiny
 from mgm_ref.tokenization import tokenizer_image_token
 from tests.helpers.images import random_image
 
+pytestmark = pytest.mark.slow  # model builds and exports: seconds each (left out of `make test-fast`)
+
 Q = "What is in the picture?"
 
 
@@ -30,37 +32,48 @@ Q = "What is in the picture?"
 def test_template_strings_for_each_family():
     assert build_prompt("vicuna_v1", Q) == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the picture? ASSISTANT:")
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is in the picture? ASSISTANT:"
+    )
     assert build_prompt("gemma", Q) == (
-        "<start_of_turn>user\n<image>\nWhat is in the picture?<end_of_turn>\n<start_of_turn>model\n")
+        "<start_of_turn>user\n<image>\nWhat is in the picture?<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert build_prompt("llama_3", Q) == (
         "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision assistant. You are "
         "able to understand the visual content that the user provides, and assist the user with a variety of tasks "
         "using natural language.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is in the "
-        "picture?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n")
+        "picture?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n"
+    )
     assert build_prompt("mistral_instruct", Q) == "[INST] <image>\nWhat is in the picture? [/INST]"
     assert build_prompt("chatml_direct", Q) == (
         "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the "
-        "picture?<|im_end|><|im_start|>assistant\n")
+        "picture?<|im_end|><|im_start|>assistant\n"
+    )
 
 
 def test_multi_turn_and_multi_image_prompts():
     assert build_prompt("vicuna_v1", "And now?", 1, [(Q, "A cat.")]).endswith(
-        "USER: <image>\nWhat is in the picture? ASSISTANT: A cat.</s>USER: And now? ASSISTANT:")
+        "USER: <image>\nWhat is in the picture? ASSISTANT: A cat.</s>USER: And now? ASSISTANT:"
+    )
     assert build_prompt("gemma", "And now?", 1, [(Q, "A cat.")]).endswith(
         "<start_of_turn>model\nA cat.<end_of_turn>\n<eos><start_of_turn>user\nAnd now?<end_of_turn>\n"
-        "<start_of_turn>model\n")
+        "<start_of_turn>model\n"
+    )
     assert build_prompt("mistral_instruct", "And now?", 1, [(Q, "A cat.")]) == (
-        "[INST] <image>\nWhat is in the picture? [/INST] A cat. </s><s>[INST] And now? [/INST]")
+        "[INST] <image>\nWhat is in the picture? [/INST] A cat. </s><s>[INST] And now? [/INST]"
+    )
     assert "USER: Image 1:<image>\nImage 2:<image>\nCompare." in build_prompt("vicuna_v1", "Compare.", 2)
     with pytest.raises(MGMError, match="unknown conversation mode"):
         get_template("alpaca")
 
 
 def test_template_detection_from_architecture_and_tokenizer(tiny_checkpoints):
-    for llm, template, expected in [("llama", None, "vicuna_v1"), ("llama", "llama_3", "llama_3"),
-                                    ("llama", "chatml_direct", "chatml_direct"), ("gemma", None, "gemma"),
-                                    ("mixtral", None, "mistral_instruct")]:
+    for llm, template, expected in [
+        ("llama", None, "vicuna_v1"),
+        ("llama", "llama_3", "llama_3"),
+        ("llama", "chatml_direct", "chatml_direct"),
+        ("gemma", None, "gemma"),
+        ("mixtral", None, "mistral_instruct"),
+    ]:
         _, tok, cfg, _, _ = build_tiny(llm, template=template)
         assert default_conv_mode(cfg.family, tok) == expected
 
@@ -73,7 +86,7 @@ def test_tokenizer_image_token_keeps_one_bos_and_one_placeholder():
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert ids.count(IMAGE_TOKEN_INDEX) == 1
     k = ids.index(IMAGE_TOKEN_INDEX)
-    assert ids[:k] == tok(before).input_ids and ids[k + 1:] == tok(after).input_ids[1:]
+    assert ids[:k] == tok(before).input_ids and ids[k + 1 :] == tok(after).input_ids[1:]
 
 
 # ---- loader round trips --------------------------------------------------------------------------
@@ -86,8 +99,9 @@ def prompt_ids(model: MGM, question=Q, n_images=1):
     return tokenizer_image_token(build_prompt(model.conv_mode, question, n_images), model.tokenizer)
 
 
-@pytest.mark.parametrize("llm,hd,shards", [("llama", False, 2), ("gemma", False, 1), ("mixtral", False, 3),
-                                           ("llama", True, 2)])
+@pytest.mark.parametrize(
+    "llm,hd,shards", [("llama", False, 2), ("gemma", False, 1), ("mixtral", False, 3), ("llama", True, 2)]
+)
 def test_loaded_checkpoint_reproduces_in_memory_logits(tiny_checkpoints, llm, hd, shards):
     ref = in_memory_model(llm, hd)
     loaded = load_model(tiny_checkpoints(llm, hd, shards=shards))
@@ -101,15 +115,21 @@ def test_loaded_checkpoint_reproduces_in_memory_logits(tiny_checkpoints, llm, hd
 def test_towers_from_separate_folders(tiny_checkpoints, tmp_path):
     src = tiny_checkpoints("llama", shards=1)
     state = load_file(src / "model.safetensors")
-    clip = {k.removeprefix("model.vision_tower.vision_tower."): v for k, v in state.items()
-            if k.startswith("model.vision_tower.vision_tower.")}
-    convnext = {k.replace("model.vision_tower_aux.vision_", "visual.trunk."): v for k, v in state.items()
-                if k.startswith("model.vision_tower_aux.")}
+    clip = {
+        k.removeprefix("model.vision_tower.vision_tower."): v
+        for k, v in state.items()
+        if k.startswith("model.vision_tower.vision_tower.")
+    }
+    convnext = {
+        k.replace("model.vision_tower_aux.vision_", "visual.trunk."): v
+        for k, v in state.items()
+        if k.startswith("model.vision_tower_aux.")
+    }
     mgm_dir, clip_dir, cn_dir = tmp_path / "mgm", tmp_path / "clip", tmp_path / "convnext"
     shutil.copytree(src, mgm_dir)
-    save_file({k: v for k, v in state.items() if not k.startswith("model.vision_tower")},
-              mgm_dir / "model.safetensors")
-    clip_dir.mkdir(); cn_dir.mkdir()
+    save_file({k: v for k, v in state.items() if not k.startswith("model.vision_tower")}, mgm_dir / "model.safetensors")
+    clip_dir.mkdir()
+    cn_dir.mkdir()
     save_file(clip, clip_dir / "model.safetensors")
     save_file(convnext, cn_dir / "open_clip_model.safetensors")
 
@@ -131,16 +151,17 @@ def test_gemma_scales_image_rows_like_inputs_embeds():
     feats = torch.randn(1, 576, model.config.hidden_size)
     embeds, _ = model.splice([prompt_ids(model)], feats)
     k = prompt_ids(model).index(IMAGE_TOKEN_INDEX)
-    assert torch.equal(embeds[0, k:k + 576], feats[0])  # spliced raw; GemmaModel scales inside
+    assert torch.equal(embeds[0, k : k + 576], feats[0])  # spliced raw; GemmaModel scales inside
     seen = {}
 
     def grab(mod, args, kwargs):
         seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+
     hook = model.llm.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     model.logits([prompt_ids(model)], feats)
     hook.remove()
-    scale = model.config.hidden_size ** 0.5
-    assert torch.allclose(seen["h"][0, k:k + 576], feats[0] * torch.tensor(scale), rtol=1e-6)
+    scale = model.config.hidden_size**0.5
+    assert torch.allclose(seen["h"][0, k : k + 576], feats[0] * torch.tensor(scale), rtol=1e-6)
 
 
 def test_batched_left_padded_generation_equals_single(tiny_checkpoints):
@@ -155,8 +176,10 @@ def test_batched_left_padded_generation_equals_single(tiny_checkpoints):
 
 
 def test_streaming_gives_the_same_text(tiny_checkpoints):
-    from transformers import TextIteratorStreamer
     import threading
+
+    from transformers import TextIteratorStreamer
+
     model = load_model(tiny_checkpoints("gemma"))
     img = [random_image()]
     params = GenerationParams(max_new_tokens=10, temperature=0)
@@ -166,6 +189,7 @@ def test_streaming_gives_the_same_text(tiny_checkpoints):
     def factory(tok):
         streamer_box["s"] = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         return streamer_box["s"]
+
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("t", model.chat(Q, img, params, streamer_factory=factory)))
     t.start()
@@ -250,6 +274,7 @@ def test_bad_checkpoints(tiny_checkpoints, tmp_path):
         dst = tmp_path / name
         shutil.copytree(src, dst)
         return dst
+
     no_weights = copy("noweights")
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
@@ -260,8 +285,11 @@ def test_bad_checkpoints(tiny_checkpoints, tmp_path):
     state.pop("model.layers.1.mlp.up_proj.weight")
     state["model.unexpected.weight"] = torch.zeros(1)
     save_file(state, missing_key / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing keys: model.layers.1.mlp.up_proj.weight.*unexpected keys: "
-                                              r"model.unexpected.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing keys: model.layers.1.mlp.up_proj.weight.*unexpected keys: "
+        r"model.unexpected.weight",
+    ):
         load_model(missing_key)
 
     bad_arch = copy("badarch")
@@ -277,7 +305,8 @@ def test_bad_checkpoints(tiny_checkpoints, tmp_path):
 
     wrong_shape = copy("wrongshape")
     cfg = json.loads((wrong_shape / "config.json").read_text())
-    del cfg["mm_vision_tower_aux_config"]; cfg["mm_hidden_size_aux"] = 2880  # claims ConvNeXt-L
+    del cfg["mm_vision_tower_aux_config"]
+    cfg["mm_hidden_size_aux"] = 2880  # claims ConvNeXt-L
     (wrong_shape / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing keys|do not match"):
         load_model(wrong_shape)
@@ -298,12 +327,17 @@ def test_bad_checkpoints(tiny_checkpoints, tmp_path):
 
 def test_convnext_key_mapping_round_trip():
     from mgm_ref.loader import vision_to_official_key
-    for key in ["model.vision_tower_aux.vision_stem.0.weight", "model.vision_tower_aux.vision_stem.1.bias",
-                "model.vision_tower_aux.vision_stages.2.downsample.1.weight",
-                "model.vision_tower_aux.vision_stages.2.blocks.17.gamma",
-                "model.vision_tower_aux.vision_stages.0.blocks.1.mlp.fc2.bias",
-                "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight",
-                "model.vlm_uni_val_projector.0.weight", "model.mm_projector.2.bias"]:
+
+    for key in [
+        "model.vision_tower_aux.vision_stem.0.weight",
+        "model.vision_tower_aux.vision_stem.1.bias",
+        "model.vision_tower_aux.vision_stages.2.downsample.1.weight",
+        "model.vision_tower_aux.vision_stages.2.blocks.17.gamma",
+        "model.vision_tower_aux.vision_stages.0.blocks.1.mlp.fc2.bias",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight",
+        "model.vlm_uni_val_projector.0.weight",
+        "model.mm_projector.2.bias",
+    ]:
         assert vision_to_official_key(official_to_vision_key(key)) == key
 
 
@@ -311,15 +345,27 @@ def test_cli_answers_once_and_reports_bad_input(tiny_checkpoints, tmp_path):
     img = tmp_path / "img.png"
     random_image().save(img)
     ckpt = str(tiny_checkpoints("llama"))
-    cmd = [sys.executable, "-m", "mgm_ref.cli", "--model-path", ckpt, "--image-file", str(img),
-           "--temperature", "0", "--max-new-tokens", "6"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mgm_ref.cli",
+        "--model-path",
+        ckpt,
+        "--image-file",
+        str(img),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    ]
     out = subprocess.run(cmd + ["--prompt", Q], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     model = load_model(ckpt)
     assert out.stdout.strip() == model.chat(Q, [load_image(img)], GenerationParams(max_new_tokens=6))
     (tmp_path / "bad.png").write_bytes(b"garbage")
-    bad = subprocess.run(cmd[:6] + [str(tmp_path / "bad.png"), "--prompt", Q], capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        cmd[:6] + [str(tmp_path / "bad.png"), "--prompt", Q], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode == 2 and "cannot decode the image" in bad.stderr
     chat = subprocess.run(cmd, input=f"{Q}\n", capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0 and "USER: ASSISTANT:" in chat.stdout

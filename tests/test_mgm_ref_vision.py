@@ -23,7 +23,7 @@ def tiny_config(llm="llama", hd=False) -> MGMConfig:
 
 
 def normalised(rgb):
-    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, CLIP_MEAN, CLIP_STD)])
+    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, CLIP_MEAN, CLIP_STD, strict=True)])
 
 
 # ---- preprocessing -------------------------------------------------------------------------------
@@ -60,13 +60,17 @@ def test_hd_crop_order_tl_tr_bl_br_then_global():
     proc = ImageProcessor(cfg)
     aux = torch.zeros(1, 3, 1536, 1536)
     for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # quadrant k gets value k+1
-        aux[:, :, r * 768:(r + 1) * 768, c * 768:(c + 1) * 768] = k + 1
+        aux[:, :, r * 768 : (r + 1) * 768, c * 768 : (c + 1) * 768] = k + 1
     views = proc.lr_views(aux)
     assert views.shape == (1, 5, 3, 336, 336)
     for k in range(4):
         assert torch.allclose(views[0, k], torch.full((3, 336, 336), k + 1.0)), f"crop {k}"
-    glob = F.interpolate(F.interpolate(aux, size=(672, 672), mode="bilinear", align_corners=False),
-                         size=(336, 336), mode="bilinear", align_corners=False)
+    glob = F.interpolate(
+        F.interpolate(aux, size=(672, 672), mode="bilinear", align_corners=False),
+        size=(336, 336),
+        mode="bilinear",
+        align_corners=False,
+    )
     assert torch.equal(views[0, 4], glob[0])
 
 
@@ -115,8 +119,8 @@ def mine_by_loops(enc: MGMVisionEncoder, lr: torch.Tensor, hr: torch.Tensor) -> 
         for row in range(p):
             for col in range(p):
                 tok = row * p + col
-                window = hr[bi, :, row * m:(row + 1) * m, col * m:(col + 1) * m]  # (C, m, m)
-                pixels = window.reshape(hr.shape[1], m * m).T                       # row-major pixels
+                window = hr[bi, :, row * m : (row + 1) * m, col * m : (col + 1) * m]  # (C, m, m)
+                pixels = window.reshape(hr.shape[1], m * m).T  # row-major pixels
                 q = enc.vlm_uni_query_projector(lr[bi, tok])
                 k = enc.vlm_uni_aux_projector(pixels)
                 v = enc.vlm_uni_val_projector(pixels)
@@ -159,7 +163,8 @@ def test_hd_feature_order_global_first():
 
 def test_real_sizes_are_the_default_towers():
     raw = tiny_config_dict("llama")[0]
-    raw.pop("mm_vision_tower_config"); raw.pop("mm_vision_tower_aux_config")
+    raw.pop("mm_vision_tower_config")
+    raw.pop("mm_vision_tower_aux_config")
     raw["mm_hidden_size"], raw["mm_hidden_size_aux"] = 1024, 2880
     cfg = MGMConfig.from_dict(raw)
     assert cfg.clip_config.hidden_size == 1024 and cfg.clip_config.num_hidden_layers == 24
@@ -169,6 +174,7 @@ def test_real_sizes_are_the_default_towers():
 
 def test_random_image_end_to_end_features_are_finite(tiny_checkpoints):
     from mgm_ref.loader import load_model
+
     model = load_model(tiny_checkpoints("llama"))
     feats = model.image_features([random_image()])
     assert feats.shape == (1, 576, model.config.hidden_size) and torch.isfinite(feats).all()

@@ -19,15 +19,22 @@ def test_fake_ids_take_their_prompt_table_rows_and_the_rest_the_vocabulary():
     ids = torch.tensor([3, *fake_ids(VOCAB, 2, start=4), 7, *fake_ids(VOCAB, 1)])
     with torch.no_grad():
         got = embed_with_prompt_table(ids, embedding, table, VOCAB)
-        want = torch.stack([embedding.weight[3], table[4].float(), table[5].float(), embedding.weight[7],
-                            table[0].float()])
+        want = torch.stack(
+            [embedding.weight[3], table[4].float(), table[5].float(), embedding.weight[7], table[0].float()]
+        )
     assert got.dtype == embedding.weight.dtype and torch.equal(got, want)
     # a weight matrix works as the lookup too (the exported checkpoint's vocab_embedding)
     assert torch.equal(embed_with_prompt_table(ids, embedding.weight.detach().__getitem__, table, VOCAB), want)
 
 
-@pytest.mark.parametrize("table,match", [(None, "no prompt_table"), (torch.zeros(1, HIDDEN), "has 1 rows"),
-                                         (torch.full((2, HIDDEN), float("nan")), "non-finite")])
+@pytest.mark.parametrize(
+    "table,match",
+    [
+        (None, "no prompt_table"),
+        (torch.zeros(1, HIDDEN), "has 1 rows"),
+        (torch.full((2, HIDDEN), float("nan")), "non-finite"),
+    ],
+)
 def test_prompt_table_errors(table, match):
     embedding = torch.nn.Embedding(VOCAB, HIDDEN)
     with pytest.raises(ValueError, match=match), torch.no_grad():

@@ -4,6 +4,8 @@ The official `openai` client must get exactly mgm_ref's greedy answer for the sa
 raw SSE is read with httpx; every bad input gets its status and OpenAI error object while the
 server keeps answering. One start of the OpenAI server rides on the shared tiny-llama Triton; the
 several-variants test starts its own repository under `mgm-serve --openai_port`.
+
+Over 400 lines: the tests share one served model and one OpenAI server start (30 s each on 2 cores).
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def reference(ref, question, images=(), history=None, system=None, max_tokens=MA
         conv.append(conv.roles[1], answer)
     ids = ref.tokenize(conv.get_prompt())
     pils = [load_image(b) for b in images]
-    out = ref.generate([ids], ref.image_features(pils) if pils else None,
-                       GenerationParams(max_new_tokens=max_tokens, temperature=0))[0]
+    out = ref.generate(
+        [ids], ref.image_features(pils) if pils else None, GenerationParams(max_new_tokens=max_tokens, temperature=0)
+    )[0]
     prompt_tokens = len(ids) + len(images) * (ref.config.tokens_per_image - 1)
     return ref.decode(out), len(out), prompt_tokens
 
@@ -64,8 +67,11 @@ class OpenAIServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "client.openai_api", "--triton_url", triton_url,
-                                      "--port", str(self.port), *extra], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "client.openai_api", "--triton_url", triton_url, "--port", str(self.port), *extra],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         wait_http(f"{self.url}/health", self.proc)
 
     def client(self, **kw):
@@ -100,8 +106,16 @@ def llama(served_llama):
 def api(llama, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     (media / "cat.png").write_bytes(IMAGE)
-    server = OpenAIServer(llama.server.grpc_url, "--allowed_local_media_path", str(media), "--max_image_mb", "1",
-                          "--max_body_mb", "3", log=tmp_path_factory.mktemp("openai") / "server.log")
+    server = OpenAIServer(
+        llama.server.grpc_url,
+        "--allowed_local_media_path",
+        str(media),
+        "--max_image_mb",
+        "1",
+        "--max_body_mb",
+        "3",
+        log=tmp_path_factory.mktemp("openai") / "server.log",
+    )
     server.media = media
     yield server
     server.stop()
@@ -117,17 +131,23 @@ def test_models_health_and_metrics(api):
     assert httpx.get(f"{api.url}/health").json() == {"status": "ok", "models": {"mgm": "ready"}}
     api.client().chat.completions.create(model="mgm", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
     text = httpx.get(f"{api.url}/metrics").text
-    for name in ("mgm_openai_requests_total", "mgm_openai_completion_tokens_total", "mgm_openai_prompt_tokens_total",
-                 "mgm_openai_time_to_first_token_seconds_bucket", "mgm_openai_request_latency_seconds_bucket",
-                 "mgm_openai_errors_total"):
+    for name in (
+        "mgm_openai_requests_total",
+        "mgm_openai_completion_tokens_total",
+        "mgm_openai_prompt_tokens_total",
+        "mgm_openai_time_to_first_token_seconds_bucket",
+        "mgm_openai_request_latency_seconds_bucket",
+        "mgm_openai_errors_total",
+    ):
         assert name in text
     assert 'mgm_openai_requests_total{model="mgm",status="200"}' in text
 
 
 def test_text_only_non_streaming(api, llama):
     text, n, n_prompt = reference(llama.ref, "Say something.")
-    r = api.client().chat.completions.create(model="mgm", messages=[{"role": "user", "content": "Say something."}],
-                                              max_tokens=MAX_TOKENS, temperature=0)
+    r = api.client().chat.completions.create(
+        model="mgm", messages=[{"role": "user", "content": "Say something."}], max_tokens=MAX_TOKENS, temperature=0
+    )
     record("user 'Say something.' (max_tokens=10, temperature=0)", r.choices[0].message.content)
     assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
     assert (r.usage.completion_tokens, r.usage.prompt_tokens) == (n, n_prompt)
@@ -139,14 +159,22 @@ def test_text_only_non_streaming(api, llama):
 def test_image_data_url_streaming_and_not(api, llama):
     text, n, n_prompt = reference(llama.ref, QUESTION, [IMAGE])
     messages = [{"role": "user", "content": [image_part(), {"type": "text", "text": QUESTION}]}]
-    r = api.client().chat.completions.create(model="mgm", messages=messages, max_completion_tokens=MAX_TOKENS,
-                                              temperature=0)
+    r = api.client().chat.completions.create(
+        model="mgm", messages=messages, max_completion_tokens=MAX_TOKENS, temperature=0
+    )
     record(f"user [image 480x320 PNG data URL, {QUESTION!r}]", r.choices[0].message.content)
     assert r.choices[0].message.content == text and r.usage.prompt_tokens == n_prompt
     assert n_prompt > llama.ref.config.tokens_per_image  # the image tokens are counted
-    chunks = list(api.client().chat.completions.create(model="mgm", messages=messages, max_tokens=MAX_TOKENS,
-                                                       temperature=0, stream=True,
-                                                       stream_options={"include_usage": True}))
+    chunks = list(
+        api.client().chat.completions.create(
+            model="mgm",
+            messages=messages,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     record(f"stream: user [image, {QUESTION!r}]", streamed)
@@ -162,12 +190,16 @@ def test_multi_turn_with_an_image_in_the_first_turn(api, llama):
     history = [(QUESTION, "A cat on a mat.")]
     text, n, n_prompt = reference(llama.ref, "And the colours?", [image], history)
     assert text != reference(llama.ref, "And the colours?", [image])[0]  # else this test could not see the history
-    messages = [{"role": "user", "content": [{"type": "text", "text": QUESTION}, image_part(image)]},
-                {"role": "assistant", "content": "A cat on a mat."},
-                {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}, image_part(image)]},
+        {"role": "assistant", "content": "A cat on a mat."},
+        {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]},
+    ]
     r = api.client().chat.completions.create(model="mgm", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
-    record("user [text, image 200x150] + assistant 'A cat on a mat.' + user 'And the colours?'",
-           r.choices[0].message.content)
+    record(
+        "user [text, image 200x150] + assistant 'A cat on a mat.' + user 'And the colours?'",
+        r.choices[0].message.content,
+    )
     assert r.choices[0].message.content == text and (r.usage.completion_tokens, r.usage.prompt_tokens) == (n, n_prompt)
 
 
@@ -175,11 +207,17 @@ def test_system_message_replaces_the_template_system_prompt(api, llama):
     history, system = [("Hello there.", "Hi.")], "Answer in French."
     text, n, _ = reference(llama.ref, "And the colours?", [], history, system)
     assert text != reference(llama.ref, "And the colours?", [], history)[0]
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hello there."},
-                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "And the colours?"}]
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "And the colours?"},
+    ]
     r = api.client().chat.completions.create(model="mgm", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
-    record(f"system {system!r} + user 'Hello there.' + assistant 'Hi.' + user 'And the colours?'",
-           r.choices[0].message.content)
+    record(
+        f"system {system!r} + user 'Hello there.' + assistant 'Hi.' + user 'And the colours?'",
+        r.choices[0].message.content,
+    )
     assert r.choices[0].message.content == text and r.usage.completion_tokens == n
 
 
@@ -187,20 +225,32 @@ def test_file_url_under_the_allowed_path_and_stop_sequences(api, llama):
     text, _, _ = reference(llama.ref, QUESTION, [IMAGE], max_tokens=24)
     words = text.split()
     stop = next(w for w in words[1:] if len(w) >= 2)[:2]
-    expected = text[:text.index(stop)].strip()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"file://{api.media}/cat.png"}},
-                                             {"type": "text", "text": QUESTION}]}]
+    expected = text[: text.index(stop)].strip()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"file://{api.media}/cat.png"}},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
     for stream in (False, True):
-        r = api.client().chat.completions.create(model="mgm", messages=messages, max_tokens=24, temperature=0,
-                                                  stop=[stop, "never-seen"], stream=stream)
+        r = api.client().chat.completions.create(
+            model="mgm", messages=messages, max_tokens=24, temperature=0, stop=[stop, "never-seen"], stream=stream
+        )
         got = "".join(c.choices[0].delta.content or "" for c in r).strip() if stream else r.choices[0].message.content
         record(f"user [file:// image, {QUESTION!r}] stop={stop!r} stream={stream}", got)
         assert got == expected
 
 
 def test_raw_sse_format(api):
-    body = {"model": "mgm", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4,
-            "stream": True}
+    body = {
+        "model": "mgm",
+        "messages": [{"role": "user", "content": "Say something."}],
+        "max_tokens": 4,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
@@ -244,14 +294,27 @@ def bad_requests(media: Path):
         ("seed=-1", with_(seed=-1), 400),
         ("5 stop sequences", with_(stop=["a", "b", "c", "d", "e"]), 400),
         ("logprobs=true", with_(logprobs=True), 400),
-        ("last message from the assistant", with_(messages=[{"role": "user", "content": "a"},
-                                                            {"role": "assistant", "content": "b"}]), 400),
-        ("two user messages in a row", with_(messages=[{"role": "user", "content": "a"},
-                                                       {"role": "user", "content": "b"}]), 400),
-        ("image in a later user turn", with_(messages=[{"role": "user", "content": "a"},
-                                                       {"role": "assistant", "content": "b"},
-                                                       {"role": "user", "content": [url_part(data_url(IMAGE))]}]),
-         400),
+        (
+            "last message from the assistant",
+            with_(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+            400,
+        ),
+        (
+            "two user messages in a row",
+            with_(messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]),
+            400,
+        ),
+        (
+            "image in a later user turn",
+            with_(
+                messages=[
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": [url_part(data_url(IMAGE))]},
+                ]
+            ),
+            400,
+        ),
         ("http image URL (no server-side fetching)", user(url_part("http://169.254.169.254/latest/x.png"), text), 400),
         ("https image URL", user(url_part("https://example.com/cat.png"), text), 400),
         ("file:// outside the allowed path", user(url_part("file:///etc/passwd"), text), 400),
@@ -262,24 +325,31 @@ def bad_requests(media: Path):
         ("PNG header, corrupt body", user(url_part(data_url(IMAGE[:64])), text), 400),
         ("9 images (server limit 8)", user(*[url_part(data_url(small))] * 9, text), 400),
         ("5 images (model limit 4)", user(*[url_part(data_url(small))] * 5, text), 400),
-        ("two <image> tags, one image", user(url_part(data_url(IMAGE)), {"type": "text", "text": "<image> <image>"}),
-         400),
+        (
+            "two <image> tags, one image",
+            user(url_part(data_url(IMAGE)), {"type": "text", "text": "<image> <image>"}),
+            400,
+        ),
         ("empty prompt", with_(messages=[{"role": "user", "content": "   "}]), 400),
         ("prompt over max_input_len", with_(messages=[{"role": "user", "content": "word " * 3000}]), 400),
-        ("max_tokens over max_seq_len", with_(max_tokens=10 ** 6), 400),
+        ("max_tokens over max_seq_len", with_(max_tokens=10**6), 400),
         ("image over --max_image_mb", user(url_part(data_url(big)), text), 413),
         ("body over --max_body_mb", with_(padding="x" * (3 * 1024 * 1024 + 10)), 413),
         ("bad input with stream=true", json.dumps({**good, "stream": True, "temperature": -1}), 400),
-        ("bad image with stream=true", json.dumps({**json.loads(user(url_part(data_url(IMAGE[:64])), text)),
-                                                   "stream": True}), 400),
+        (
+            "bad image with stream=true",
+            json.dumps({**json.loads(user(url_part(data_url(IMAGE[:64])), text)), "stream": True}),
+            400,
+        ),
     ]
 
 
 def test_bad_inputs_get_their_status_and_error_object(api):
     results = []
     for name, body, status in bad_requests(api.media):
-        r = httpx.post(f"{api.url}/v1/chat/completions", content=body, timeout=60,
-                       headers={"Content-Type": "application/json"})
+        r = httpx.post(
+            f"{api.url}/v1/chat/completions", content=body, timeout=60, headers={"Content-Type": "application/json"}
+        )
         error = r.json()["error"]
         results.append(f"{name}: {r.status_code} {error['message'][:110]!r}")
         assert r.status_code == status, results[-1]
@@ -298,8 +368,12 @@ def test_bad_inputs_get_their_status_and_error_object(api):
 
 
 def test_client_disconnect_is_cancelled_and_counted(api):
-    body = {"model": "mgm", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
-            "stream": True}
+    body = {
+        "model": "mgm",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 400,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{api.url}/v1/chat/completions", json=body, timeout=60) as r:
         next(r.iter_lines())  # the role chunk, then walk away
     with pytest.raises(httpx.ReadTimeout):  # non-streaming: the client gives up while the answer is made
@@ -317,8 +391,11 @@ def test_not_ready_triton_is_503(tmp_path):
     dead = OpenAIServer(f"127.0.0.1:{free_port()}", log=tmp_path / "dead.log")
     try:
         assert httpx.get(f"{dead.url}/health").status_code == 503
-        r = httpx.post(f"{dead.url}/v1/chat/completions", timeout=30,
-                       json={"model": "mgm", "messages": [{"role": "user", "content": "Hi."}]})
+        r = httpx.post(
+            f"{dead.url}/v1/chat/completions",
+            timeout=30,
+            json={"model": "mgm", "messages": [{"role": "user", "content": "Hi."}]},
+        )
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         assert dead.client().models.list().data == []
     finally:
@@ -334,13 +411,39 @@ def build_variant(ckpt, work: Path, repo: Path, name: str, cli: bool = False):
     from build_engines.vision import build_vision
     from mgm_ref.loader import load_model
     from triton_models.repo_builder import build_repo
+
     ref = load_model(ckpt)
     engines = work / name
-    build_vision(ref.vision, ref.config, engines / "vision", dtype="float32", backend="onnxruntime",
-                 max_batch_size=4, verify=False, log=lambda m: None)
+    build_vision(
+        ref.vision,
+        ref.config,
+        engines / "vision",
+        dtype="float32",
+        backend="onnxruntime",
+        max_batch_size=4,
+        verify=False,
+        log=lambda m: None,
+    )
     if cli:
-        subprocess.run([sys.executable, "-m", "build_engines.cli", "repo", "--model_dir", str(ckpt), "--engine_dir",
-                        str(engines), "--output_dir", str(repo), "--backend", "cpu", "--name", name], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "build_engines.cli",
+                "repo",
+                "--model_dir",
+                str(ckpt),
+                "--engine_dir",
+                str(engines),
+                "--output_dir",
+                str(repo),
+                "--backend",
+                "cpu",
+                "--name",
+                name,
+            ],
+            check=True,
+        )
     else:
         build_repo(ckpt, engines, repo, backend="cpu", max_batch_size=8, name=name)
     return ref
@@ -348,21 +451,48 @@ def build_variant(ckpt, work: Path, repo: Path, name: str, cli: bool = False):
 
 def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, tmp_path):
     repo = tmp_path / "repo"
-    refs = {"llama-a": build_variant(tiny_checkpoints("llama"), tmp_path, repo, "llama-a", cli=True),
-            "gemma-b": build_variant(tiny_checkpoints("gemma"), tmp_path, repo, "gemma-b")}
+    refs = {
+        "llama-a": build_variant(tiny_checkpoints("llama"), tmp_path, repo, "llama-a", cli=True),
+        "gemma-b": build_variant(tiny_checkpoints("gemma"), tmp_path, repo, "gemma-b"),
+    }
     build_variant(tiny_checkpoints("llama"), tmp_path, repo, "broken")
     config = repo / "broken_vision_encoder" / "config.pbtxt"  # this variant's vision engine is missing
     config.write_text(config.read_text().replace(str(tmp_path / "broken" / "vision"), str(tmp_path / "nowhere")))
     ports = [free_port() for _ in range(4)]
     log = open(tmp_path / "mgm-serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "triton_models.server", "--model_repo", str(repo),
-                             "--http_port", str(ports[0]), "--grpc_port", str(ports[1]), "--metrics_port",
-                             str(ports[2]), "--openai_port", str(ports[3])], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "triton_models.server",
+            "--model_repo",
+            str(repo),
+            "--http_port",
+            str(ports[0]),
+            "--grpc_port",
+            str(ports[1]),
+            "--metrics_port",
+            str(ports[2]),
+            "--openai_port",
+            str(ports[3]),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{ports[3]}"
     try:
-        r = wait_http(f"{url}/health", proc, timeout=600, want=lambda r: "llama-a" in r.text and "gemma-b" in r.text
-                      and "loading" not in r.text and r.json()["models"].get("gemma-b") == "ready"
-                      and r.json()["models"].get("llama-a") == "ready")
+        r = wait_http(
+            f"{url}/health",
+            proc,
+            timeout=600,
+            want=lambda r: (
+                "llama-a" in r.text
+                and "gemma-b" in r.text
+                and "loading" not in r.text
+                and r.json()["models"].get("gemma-b") == "ready"
+                and r.json()["models"].get("llama-a") == "ready"
+            ),
+        )
         health = r.json()
         assert r.status_code == 503 and health["status"] == "unavailable"  # one variant is broken
         assert "broken_vision_encoder is unavailable" in health["models"]["broken"]
@@ -374,7 +504,11 @@ def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, 
             text, n, n_prompt = reference(ref, QUESTION, [IMAGE])
             r = client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS, temperature=0)
             record(f"model={name}: user [image, {QUESTION!r}]", r.choices[0].message.content)
-            assert (r.choices[0].message.content, r.usage.completion_tokens, r.usage.prompt_tokens) == (text, n, n_prompt)
+            assert (r.choices[0].message.content, r.usage.completion_tokens, r.usage.prompt_tokens) == (
+                text,
+                n,
+                n_prompt,
+            )
             assert r.model == name
             answers[name] = text
         assert answers["llama-a"] != answers["gemma-b"]  # the routing is visible
@@ -382,15 +516,38 @@ def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, 
             client.chat.completions.create(model="broken", messages=messages, max_tokens=2)
         assert e.value.status_code == 503
         with pytest.raises(openai.BadRequestError, match="no system prompt"):  # gemma's template has none
-            client.chat.completions.create(model="gemma-b", max_tokens=2, messages=[
-                {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}])
+            client.chat.completions.create(
+                model="gemma-b",
+                max_tokens=2,
+                messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}],
+            )
         from client.mgm_client import MGMClient  # a variant's BLS streams from the Triton client too
+
         streamed = MGMClient(f"127.0.0.1:{ports[1]}", model="llama-a_mgm_bls").stream_answer(
-            QUESTION, [IMAGE], max_tokens=MAX_TOKENS, temperature=0.0)
+            QUESTION, [IMAGE], max_tokens=MAX_TOKENS, temperature=0.0
+        )
         assert streamed.text.strip() == answers["llama-a"] and len(streamed.chunks) > 1
-        cli = subprocess.run([sys.executable, "-m", "client.cli", "--url", f"127.0.0.1:{ports[1]}", "--model_name",
-                              "gemma-b", "--prompt", "Say something.", "--max_tokens", str(MAX_TOKENS),
-                              "--temperature", "0", "--stream"], capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "client.cli",
+                "--url",
+                f"127.0.0.1:{ports[1]}",
+                "--model_name",
+                "gemma-b",
+                "--prompt",
+                "Say something.",
+                "--max_tokens",
+                str(MAX_TOKENS),
+                "--temperature",
+                "0",
+                "--stream",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0, cli.stderr
         assert cli.stdout.strip() == reference(refs["gemma-b"], "Say something.")[0]
     finally:
@@ -398,6 +555,7 @@ def test_several_variants_behind_one_endpoint_under_mgm_serve(tiny_checkpoints, 
         assert proc.wait(timeout=60) is not None
         log.close()
     from triton_models.server import port_is_free
+
     assert all(port_is_free(p) for p in ports), (tmp_path / "mgm-serve.log").read_text()[-3000:]
 
 
@@ -405,6 +563,7 @@ def test_bench_openai_mode_measures_both_paths(api, llama):
     import asyncio
 
     from client.openai_api.bench import run, table
+
     results = asyncio.run(run(llama.server.grpc_url, api.url, "mgm", [1, 2], requests=2, max_tokens=4, warmup=1))
     for c in (1, 2):
         for path in ("grpc", "openai"):

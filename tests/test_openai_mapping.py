@@ -18,51 +18,81 @@ from tests.helpers.images import png, random_image
 
 PNG = png(random_image(32, 24))
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+NO_MEDIA_FETCHING = MediaPolicy()  # the server's default: data URLs only
 
 
-def mapped(messages, policy=MediaPolicy(), **kw):
+def mapped(messages, policy=NO_MEDIA_FETCHING, **kw):
     req = ChatCompletionRequest(model="mgm", messages=messages, **kw)
     return asyncio.run(to_mgm(req, policy, max_images=8, default_max_tokens=16))
 
 
-def status_of(messages, policy=MediaPolicy(), **kw) -> tuple[int, str]:
+def status_of(messages, policy=NO_MEDIA_FETCHING, **kw) -> tuple[int, str]:
     with pytest.raises(APIError) as e:
         mapped(messages, policy, **kw)
     return e.value.status, e.value.message
 
 
 def test_conversation_maps_to_history_images_and_system():
-    m = mapped([{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}},
-                                             {"type": "text", "text": "What is it?"}]},
-                {"role": "assistant", "content": "A cat."},
-                {"role": "user", "content": "And the colours?"}], max_completion_tokens=7, stop="x")
+    m = mapped(
+        [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": DATA_URL}},
+                    {"type": "text", "text": "What is it?"},
+                ],
+            },
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "And the colours?"},
+        ],
+        max_completion_tokens=7,
+        stop="x",
+    )
     assert m.spec.prompt == "And the colours?" and m.spec.history == [("What is it?", "A cat.")]
     assert m.spec.images == [PNG] and m.system == "Be brief." and m.spec.max_tokens == 7 and m.stops == ["x"]
     assert m.tensors()["system_prompt"][0] == b"Be brief." and m.tensors()["stream"][0]
 
 
-@pytest.mark.parametrize("messages,kw,status,message", [
-    ([{"role": "assistant", "content": "hi"}], {}, 400, "last message"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {}, 400, "alternate"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
-     {}, 400, "system messages must come before"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}]}], {}, 400,
-     "first user message"),
-    ([{"role": "user", "content": "a"}], {"n": 3}, 400, "n=1"),
-    ([{"role": "user", "content": "a"}], {"max_tokens": 0}, 400, "at least 1"),
-    ([{"role": "user", "content": "a"}], {"temperature": 3.0}, 400, "temperature"),
-    ([{"role": "user", "content": "a"}], {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}] * 9}], {}, 400,
-     "at most 8"),
-])
+@pytest.mark.parametrize(
+    "messages,kw,status,message",
+    [
+        ([{"role": "assistant", "content": "hi"}], {}, 400, "last message"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], {}, 400, "alternate"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}],
+            {},
+            400,
+            "system messages must come before",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}]},
+            ],
+            {},
+            400,
+            "first user message",
+        ),
+        ([{"role": "user", "content": "a"}], {"n": 3}, 400, "n=1"),
+        ([{"role": "user", "content": "a"}], {"max_tokens": 0}, 400, "at least 1"),
+        ([{"role": "user", "content": "a"}], {"temperature": 3.0}, 400, "temperature"),
+        ([{"role": "user", "content": "a"}], {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": DATA_URL}}] * 9}],
+            {},
+            400,
+            "at most 8",
+        ),
+    ],
+)
 def test_bad_conversations_are_400(messages, kw, status, message):
     got, text = status_of(messages, **kw)
     assert got == status and message in text
 
 
-def image(url, policy=MediaPolicy()):
+def image(url, policy=NO_MEDIA_FETCHING):
     return asyncio.run(load_image(url, policy, "p"))
 
 
@@ -111,10 +141,15 @@ def test_system_prompt_replaces_the_templates_and_is_refused_without_one():
 
 
 def test_variants_from_the_repository_index():
-    ready = [{"name": p + m, "state": "READY"} for p in ("", "b_") for m in
-             ("preprocessing", "vision_encoder", "tensorrt_llm", "mgm_bls", "ensemble")]
-    index = ready + [{"name": "c_mgm_bls", "state": "READY"},
-                     {"name": "c_vision_encoder", "state": "UNAVAILABLE", "reason": "load failed"}]
+    ready = [
+        {"name": p + m, "state": "READY"}
+        for p in ("", "b_")
+        for m in ("preprocessing", "vision_encoder", "tensorrt_llm", "mgm_bls", "ensemble")
+    ]
+    index = ready + [
+        {"name": "c_mgm_bls", "state": "READY"},
+        {"name": "c_vision_encoder", "state": "UNAVAILABLE", "reason": "load failed"},
+    ]
     found = _variants(index, "mgm")
     assert sorted(found) == ["b", "c", "mgm"] and found["b"].bls_model == "b_mgm_bls"
     assert found["mgm"].ready and found["b"].ready and not found["c"].ready
@@ -129,7 +164,8 @@ def test_named_variant_prefixes_models_and_keeps_the_others(tmp_path):
             (out / name / "1").mkdir(parents=True)
             step = '  step [\n    {\n      model_name: "preprocessing"\n' if name == "ensemble" else ""
             (out / name / "config.pbtxt").write_text(
-                f'name: "{name}"\ninput [\n  {{\n    name: "text_input"\n  }}\n]\n{step}')
+                f'name: "{name}"\ninput [\n  {{\n    name: "text_input"\n  }}\n]\n{step}'
+            )
         return out
 
     repo = tmp_path / "repo"
@@ -137,7 +173,8 @@ def test_named_variant_prefixes_models_and_keeps_the_others(tmp_path):
     add_named_variant(build, repo, "mgm-hd")
     add_named_variant(build, repo, "mgm-7b")  # replaced, not duplicated
     assert sorted(p.name for p in repo.iterdir()) == sorted(
-        f"{v}_{m}" for v in ("mgm-7b", "mgm-hd") for m in ("preprocessing", "ensemble", "mgm_bls"))
+        f"{v}_{m}" for v in ("mgm-7b", "mgm-hd") for m in ("preprocessing", "ensemble", "mgm_bls")
+    )
     text = (repo / "mgm-hd_ensemble" / "config.pbtxt").read_text()
     assert 'name: "mgm-hd_ensemble"' in text and 'model_name: "mgm-hd_preprocessing"' in text
     assert '    name: "text_input"' in text  # tensor names stay

@@ -40,7 +40,9 @@ def test_gpu_repo_uses_tensorrtllm_and_the_engine_vocab_offset(tiny_checkpoints,
     texts = configs(build_repo(ckpt, eng, tmp_path / "repo", "gpu"))
     assert 'backend: "tensorrtllm"' in texts["tensorrt_llm"]
     assert re.search(r'"gpt_model_path" value: \{ string_value: ".*/llm/engine" \}', texts["tensorrt_llm"])
-    assert "data_type: TYPE_FP16" in texts["vision_encoder"] and not (tmp_path / "repo/tensorrt_llm/1/model.py").exists()
+    assert (
+        "data_type: TYPE_FP16" in texts["vision_encoder"] and not (tmp_path / "repo/tensorrt_llm/1/model.py").exists()
+    )
     assert '"vocab_offset" value: { string_value: "1088" }' in texts["preprocessing"]
 
 
@@ -64,12 +66,14 @@ def test_build_info_without_a_contract_is_refused(tiny_checkpoints, tmp_path):
     (eng / "llm" / "engine").mkdir(parents=True)
     (eng / "llm" / "engine" / "config.json").write_text("{}")
     (eng / "llm" / "build_info.json").write_text(json.dumps({"prompt_table_vocab_offset": 1088}))
-    with pytest.raises(ContractError, match="no \"contract\" block"):
+    with pytest.raises(ContractError, match='no "contract" block'):
         build_repo(ckpt, eng, tmp_path / "repo", "gpu")
 
 
-@pytest.mark.parametrize("option,value", [("max_batch_size", 16), ("max_input_len", 4096), ("max_seq_len", 9000),
-                                          ("max_images_per_request", 2)])
+@pytest.mark.parametrize(
+    "option,value",
+    [("max_batch_size", 16), ("max_input_len", 4096), ("max_seq_len", 9000), ("max_images_per_request", 2)],
+)
 def test_an_override_above_the_engine_is_refused_naming_both_numbers(tiny_checkpoints, tmp_path, option, value):
     ckpt = tiny_checkpoints("llama")
     eng = tmp_path / "eng"
@@ -92,6 +96,7 @@ def test_lower_overrides_keep_the_per_request_table_limit(tiny_checkpoints, tmp_
 
 def test_unused_template_values_are_an_error(tiny_checkpoints, tmp_path, monkeypatch):
     from triton_models import repo_builder as R
+
     ckpt = tiny_checkpoints("llama")
     fake_vision(tmp_path / "eng", ckpt, "onnxruntime")
     real = R.template_values
@@ -113,6 +118,7 @@ def test_missing_or_mismatched_vision_artifact(tiny_checkpoints, tmp_path):
 
 def test_a_contract_whose_images_do_not_fit_its_table_is_refused():
     from mgm_runtime.contract import LLMContract, derive_limits
+
     limits = derive_limits(max_batch_size=4, tokens_per_image=576, max_images_per_request=2, max_input_len=2048)
     ok = LLMContract(runtime="tensorrt_llm", dtype="bfloat16", hidden_size=64, vocab_offset=1024, **limits)
     assert ok.rows_per_request == 1152 and ok.prompt_table_type == "TYPE_BF16"

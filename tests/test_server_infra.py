@@ -2,6 +2,8 @@
 
 The `server` tests start the real tritonserver (nvidia-pytriton wheel on CPU, or the NGC one) on a
 toy model repository written here, so they check the launcher independently of MGM.
+
+Over 400 lines: the launcher's tests share one toy repository and its server.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import queue
 import signal
 import subprocess
 import sys
-import time
 import textwrap
+import time
 import urllib.request
 from pathlib import Path
 
@@ -131,7 +133,7 @@ def test_parse_substitutions_comma_escape_and_colons():
 
 def test_fill_template_cli_in_place(tmp_path, capsys):
     cfg = tmp_path / "config.pbtxt"
-    cfg.write_text("gpu_device_ids: \"${ids}\"\nbatch: ${bs}\n")
+    cfg.write_text('gpu_device_ids: "${ids}"\nbatch: ${bs}\n')
     assert fill_template_main(["-i", str(cfg), r"ids:0\,1,bs:4"]) == 0
     assert cfg.read_text() == 'gpu_device_ids: "0,1"\nbatch: 4\n'
     assert fill_template_main([str(cfg), "bs:4"]) == 2  # already filled: `bs` is unknown now
@@ -142,14 +144,16 @@ def test_fill_template_cli_in_place(tmp_path, capsys):
 
 
 def fake_install(tmp_path: Path) -> install.ServerInstall:
-    return install.ServerInstall(binary=tmp_path / "bin" / "tritonserver",
-                             backend_dir=tmp_path / "backends", cache_dir=tmp_path / "caches")
+    return install.ServerInstall(
+        binary=tmp_path / "bin" / "tritonserver", backend_dir=tmp_path / "backends", cache_dir=tmp_path / "caches"
+    )
 
 
 def test_mpirun_command_one_server_per_rank(tmp_path):
     install = fake_install(tmp_path)
-    opts = argv.ServerOptions(model_repo=Path("/repo"), shm_prefix="t",
-                             worker_models=("tensorrt_llm", "multimodal_encoders"))
+    opts = argv.ServerOptions(
+        model_repo=Path("/repo"), shm_prefix="t", worker_models=("tensorrt_llm", "multimodal_encoders")
+    )
     cmd = argv.mpirun_command(install, opts, world_size=3)
     assert cmd[:2] == ["mpirun", "--allow-run-as-root"]
     ranks = " ".join(cmd[2:]).split(" : ")
@@ -161,8 +165,12 @@ def test_mpirun_command_one_server_per_rank(tmp_path):
         assert "--disable-auto-complete-config" in args
         assert f"--backend-config=python,shm-region-prefix-name=tprefix{rank}_" in args
         assert f"--backend-directory={install.backend_dir}" in args
-        worker_flags = {"--model-control-mode=explicit", "--load-model=tensorrt_llm",
-                        "--load-model=multimodal_encoders", "--allow-http=false"}
+        worker_flags = {
+            "--model-control-mode=explicit",
+            "--load-model=tensorrt_llm",
+            "--load-model=multimodal_encoders",
+            "--allow-http=false",
+        }
         if rank == 0:
             assert "--http-port=8000" in args and "--http-address=127.0.0.1" in args
             assert not worker_flags & set(args)
@@ -196,9 +204,12 @@ def test_server_home_follows_env(monkeypatch, tmp_path):
 def test_server_tree_is_built_once_and_tolerates_a_race(tmp_path, monkeypatch):
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     src = tmp_path / "src"
-    for rel in ("bin/tritonserver", "backends/python/libtriton_python.so",
-                "caches/local/libtritoncache_local.so",
-                f"python_backend_stubs/{py}/triton_python_backend_stub"):
+    for rel in (
+        "bin/tritonserver",
+        "backends/python/libtriton_python.so",
+        "caches/local/libtritoncache_local.so",
+        f"python_backend_stubs/{py}/triton_python_backend_stub",
+    ):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(rel)
     dest = install.ensure_server_tree(src, tmp_path / "home" / "tree")
@@ -294,12 +305,16 @@ def test_grpc_stream_three_responses(toy_server):
 @pytest.mark.server
 def test_http_generate_stream_sse(toy_server):
     url = f"http://{toy_server.http_url}/v2/models/stream3/generate_stream"
-    request = urllib.request.Request(url, data=json.dumps({"IN": 5}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps({"IN": 5}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data:"):]) for line in response.read().decode().splitlines()
-                  if line.startswith("data:")]
+        events = [
+            json.loads(line[len("data:") :])
+            for line in response.read().decode().splitlines()
+            if line.startswith("data:")
+        ]
     assert [event["OUT"] for event in events] == [6, 7, 8]
 
 
@@ -312,9 +327,26 @@ def test_perf_analyzer_smoke(toy_server):
     except perf.PerfAnalyzerError as exc:
         pytest.skip(str(exc))
     result = perf.run_perf_analyzer(
-        ["-m", "add_one", "-u", toy_server.http_url, "-i", "http", "--shape", "INPUT0:4",
-         "--concurrency-range", "1:2", "--measurement-interval", "500",
-         "--stability-percentage", "999", "--max-trials", "3"], timeout=60)
+        [
+            "-m",
+            "add_one",
+            "-u",
+            toy_server.http_url,
+            "-i",
+            "http",
+            "--shape",
+            "INPUT0:4",
+            "--concurrency-range",
+            "1:2",
+            "--measurement-interval",
+            "500",
+            "--stability-percentage",
+            "999",
+            "--max-trials",
+            "3",
+        ],
+        timeout=60,
+    )
     rows = perf.parse_summary(result.stdout)
     assert [row.concurrency for row in rows] == [1, 2]
     assert all(row.throughput > 0 and row.latency_us > 0 for row in rows)
@@ -351,12 +383,25 @@ def start_cli(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
     ports = [process.free_port() for _ in range(3)]
     if len(set(ports)) < 3:
         pytest.skip("the OS handed out the same free port twice")
-    cmd = [sys.executable, "-m", "triton_models.launcher.cli", "--model_repo", str(tmp_path / "repo"),
-           "--http_port", str(ports[0]), "--grpc_port", str(ports[1]),
-           "--metrics_port", str(ports[2]), "--ready_timeout", "60"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "triton_models.launcher.cli",
+        "--model_repo",
+        str(tmp_path / "repo"),
+        "--http_port",
+        str(ports[0]),
+        "--grpc_port",
+        str(ports[1]),
+        "--metrics_port",
+        str(ports[2]),
+        "--ready_timeout",
+        "60",
+    ]
     # stdout carries the server log; stderr only mgm-serve's own messages.
-    cli = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           cwd=Path(__file__).resolve().parents[1])
+    cli = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     seen = []
     for line in cli.stderr:  # ends at "ready" or when mgm-serve exits (ready_timeout bounds it)
         seen.append(line)

@@ -35,7 +35,8 @@ def test_bls_grpc_greedy_matches_reference(llama):
     text, n = llama.expected(QUESTION, [IMAGE])
     for stream in (False, True):
         answer = (llama.client().stream_answer if stream else llama.client().generate)(
-            QUESTION, [IMAGE], max_tokens=MAX_TOKENS, temperature=0.0)
+            QUESTION, [IMAGE], max_tokens=MAX_TOKENS, temperature=0.0
+        )
         assert answer.text.strip() == text and answer.output_tokens == n
         assert answer.ttft_ms > 0
     assert len(llama.client().stream_answer(QUESTION, [IMAGE], max_tokens=MAX_TOKENS).chunks) > 1
@@ -64,24 +65,28 @@ def test_text_only_multi_image_and_history(llama):
 
 
 def test_eight_concurrent_clients_get_their_own_answers(llama):
-    jobs = [(f"Question number {k}: what is in the picture?", [png(random_image(300 + 20 * k, 240, seed=k))])
-            for k in range(8)]
+    jobs = [
+        (f"Question number {k}: what is in the picture?", [png(random_image(300 + 20 * k, 240, seed=k))])
+        for k in range(8)
+    ]
     expected = [llama.expected(q, imgs)[0] for q, imgs in jobs]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda job: llama.client().stream_answer(job[0], job[1], max_tokens=MAX_TOKENS).text,
-                            jobs))
+        got = list(pool.map(lambda job: llama.client().stream_answer(job[0], job[1], max_tokens=MAX_TOKENS).text, jobs))
     assert [g.strip() for g in got] == expected
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(images=[b"not an image at all"]), "cannot decode the image"),
-    (dict(prompt="   "), "the prompt is empty"),
-    (dict(prompt="<image> and <image>"), "2 <image> tags but 1 images"),
-    (dict(prompt="word " * 3000), "max_input_len"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=2.0), "top_p"),
-    (dict(max_tokens=0), "max"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(images=[b"not an image at all"]), "cannot decode the image"),
+        (dict(prompt="   "), "the prompt is empty"),
+        (dict(prompt="<image> and <image>"), "2 <image> tags but 1 images"),
+        (dict(prompt="word " * 3000), "max_input_len"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=2.0), "top_p"),
+        (dict(max_tokens=0), "max"),
+    ],
+)
 def test_bad_requests_get_errors_and_the_server_keeps_serving(llama, kwargs, message):
     request = dict(prompt=QUESTION, images=[IMAGE], max_tokens=MAX_TOKENS)
     request.update(kwargs)
@@ -94,6 +99,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(llama, kwargs, mes
 
 def test_oversize_image_is_refused(llama):
     from PIL import Image
+
     huge = png(Image.new("RGB", (9000, 8000), (1, 2, 3)))
     with pytest.raises(ClientError, match="limit"):
         llama.client().generate(QUESTION, [huge], max_tokens=2)
@@ -127,13 +133,17 @@ def test_a_cancelled_bls_stream_stops_its_generation(llama):
     assert llama.client().generate(QUESTION, [IMAGE], max_tokens=2).output_tokens > 0
 
 
-@pytest.mark.xfail(strict=True, reason="tritonserver 2.51 (nvidia-pytriton 0.7.0) does not hand a client's "
-                   "cancellation on to the ensemble's step requests: the generation runs to max_tokens")
+@pytest.mark.xfail(
+    strict=True,
+    reason="tritonserver 2.51 (nvidia-pytriton 0.7.0) does not hand a client's "
+    "cancellation on to the ensemble's step requests: the generation runs to max_tokens",
+)
 def test_a_cancelled_ensemble_request_stops_its_generation(llama):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import np_to_triton_dtype
 
     from client.mgm_client import RequestSpec
+
     inputs = []
     for name, value in RequestSpec("Tell me a long story.", [], max_tokens=2000).tensors().items():
         inp = grpcclient.InferInput(name, [1, *value.shape], np_to_triton_dtype(value.dtype))

@@ -14,8 +14,7 @@ from mgm_ref.loader import load_tokenizer
 from tests.helpers.images import png, random_image
 from triton_models.lib.detokenize import IncrementalDetokenizer
 from triton_models.lib.pipeline import AnswerText, Piece, run_answer
-from triton_models.lib.preprocess import (Preprocessor, parse_history, single_token_stops, split_images,
-                                          stop_words_list)
+from triton_models.lib.preprocess import Preprocessor, parse_history, single_token_stops, split_images, stop_words_list
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_preprocessor_expands_each_image_into_its_own_fake_ids(llama_dir):
     fake = [i for i in ids if i >= 1000]
     assert fake == list(range(1000, 1000 + 2 * t))  # one flat table: the second image continues the first
     first = ids.index(1000)
-    assert ids[first:first + t] == list(range(1000, 1000 + t))
+    assert ids[first : first + t] == list(range(1000, 1000 + t))
     assert out.images.shape == (2, 3, pre.config.lr_size, pre.config.lr_size) and out.images.dtype == np.float32
     assert out.images_aux.shape[0] == 2
     assert out.end_id == pre.tokenizer.eos_token_id
@@ -47,12 +46,15 @@ def test_preprocessor_expands_each_image_into_its_own_fake_ids(llama_dir):
     assert IMAGE_TOKEN_INDEX not in out.input_ids
 
 
-@pytest.mark.parametrize("query,images,message", [
-    ("   ", 0, "the prompt is empty"),
-    ("<image> <image> two tags", 1, "2 <image> tags but 1 images"),
-    ("too many", 5, "at most 4"),
-    ("word " * 3000, 0, "max_input_len"),
-])
+@pytest.mark.parametrize(
+    "query,images,message",
+    [
+        ("   ", 0, "the prompt is empty"),
+        ("<image> <image> two tags", 1, "2 <image> tags but 1 images"),
+        ("too many", 5, "at most 4"),
+        ("word " * 3000, 0, "max_input_len"),
+    ],
+)
 def test_preprocessor_refuses_bad_prompts(llama_dir, query, images, message):
     pre = Preprocessor(llama_dir, max_input_len=2048)
     with pytest.raises(PromptError, match=message):
@@ -139,7 +141,7 @@ class FakeStages:
 
 def answer(tokenizer, text, stream, stops=(), per_chunk=1, cancel_after=None):
     ids = tokenizer.encode(text, add_special_tokens=False)
-    stages = FakeStages([ids[i:i + per_chunk] for i in range(0, len(ids), per_chunk)])
+    stages = FakeStages([ids[i : i + per_chunk] for i in range(0, len(ids), per_chunk)])
     pieces: list[Piece] = []
     cancelled = (lambda: len(pieces) >= cancel_after) if cancel_after is not None else (lambda: False)
     asyncio.run(run_answer(stages, AnswerText(tokenizer, stops, stream), pieces.append, cancelled))
@@ -163,8 +165,9 @@ def test_pipeline_whole_answer_is_one_stripped_piece(tokenizer):
 
 
 def test_pipeline_stops_reading_at_a_stop_string(tokenizer):
-    stages, pieces = answer(tokenizer, " first part<|im_end|> never shown and more tokens after it", stream=True,
-                            stops=("<|im_end|>",))
+    stages, pieces = answer(
+        tokenizer, " first part<|im_end|> never shown and more tokens after it", stream=True, stops=("<|im_end|>",)
+    )
     assert "".join(p.text for p in pieces).strip() == "first part"
     assert stages.tokens.chunks, "the pipeline kept reading after the stop string"
     assert stages.tokens.closed
@@ -201,9 +204,12 @@ def test_importing_the_serving_library_leaves_the_locale_alone():
     import os
     import subprocess
     import sys
-    code = ("import locale; before = locale.setlocale(locale.LC_CTYPE); import triton_models.lib, "
-            "triton_models.lib.preprocess, triton_models.lib.engine, triton_models.lib.pipeline, "
-            "triton_models.lib.triton_io; after = locale.setlocale(locale.LC_CTYPE); "
-            "assert before == after, (before, after)")
+
+    code = (
+        "import locale; before = locale.setlocale(locale.LC_CTYPE); import triton_models.lib, "
+        "triton_models.lib.preprocess, triton_models.lib.engine, triton_models.lib.pipeline, "
+        "triton_models.lib.triton_io; after = locale.setlocale(locale.LC_CTYPE); "
+        "assert before == after, (before, after)"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG"))}
     subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], check=True, env={**env, "LC_ALL": "C"})

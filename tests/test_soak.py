@@ -24,9 +24,15 @@ CLIENTS = int(os.environ.get("MGM_SOAK_CLIENTS", "8"))
 MAX_TOKENS = int(os.environ.get("MGM_SOAK_TOKENS", "16"))
 
 # (model, protocol, streaming); "tensorrt_llm" is the LLM model called directly with prompt ids
-PATHS = [("mgm_bls", "grpc", True), ("mgm_bls", "grpc", False), ("mgm_bls", "http", True),
-         ("mgm_bls", "http", False), ("ensemble", "grpc", False), ("ensemble", "http", False),
-         ("tensorrt_llm", "grpc", True)]
+PATHS = [
+    ("mgm_bls", "grpc", True),
+    ("mgm_bls", "grpc", False),
+    ("mgm_bls", "http", True),
+    ("mgm_bls", "http", False),
+    ("ensemble", "grpc", False),
+    ("ensemble", "http", False),
+    ("tensorrt_llm", "grpc", True),
+]
 TEXT_PROMPT = "Tell me a story."
 
 
@@ -37,9 +43,13 @@ def direct_llm_tokens(url: str, ids: list[int], end_id: int, max_tokens: int) ->
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    tensors = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
-               "request_output_len": np.array([[max_tokens]], np.int32), "end_id": np.array([[end_id]], np.int32),
-               "streaming": np.array([[True]])}
+    tensors = {
+        "input_ids": np.array([ids], np.int32),
+        "input_lengths": np.array([[len(ids)]], np.int32),
+        "request_output_len": np.array([[max_tokens]], np.int32),
+        "end_id": np.array([[end_id]], np.int32),
+        "streaming": np.array([[True]]),
+    }
     inputs = []
     for name, value in tensors.items():
         inp = grpcclient.InferInput(name, list(value.shape), "BOOL" if value.dtype == bool else "INT32")
@@ -78,6 +88,7 @@ def test_soak_mixed_clients_get_solo_answers(served_llama):
     expected = [served.expected(q, imgs, max_tokens=MAX_TOKENS)[0] for q, imgs in jobs]
     from mgm_ref.conversation import build_prompt
     from mgm_ref.model import GenerationParams
+
     ref = served.ref
     prompt_ids = ref.tokenize(build_prompt(ref.conv_mode, TEXT_PROMPT, 0))
     end_id = ref.stop_token_ids()[0]
@@ -100,7 +111,7 @@ def test_soak_mixed_clients_get_solo_answers(served_llama):
                     got = direct_llm_tokens(served.server.grpc_url, prompt_ids, end_id, MAX_TOKENS)
                     with lock:
                         done[(model, protocol, stream)] += 1
-                        if got[:len(expected_ids)] != list(expected_ids):
+                        if got[: len(expected_ids)] != list(expected_ids):
                             mismatches.append(f"tensorrt_llm direct: {got} != {list(expected_ids)}")
                     continue
                 client = served.client(protocol, model=model)
@@ -119,8 +130,10 @@ def test_soak_mixed_clients_get_solo_answers(served_llama):
         list(pool.map(client_loop, range(CLIENTS)))
 
     total = sum(done.values())
-    print(f"soak: {total} answers in {SOAK_S:.0f} s by {CLIENTS} clients, {len(errors)} errors, "
-          f"{len(mismatches)} mismatches; per path {dict(done)}; first mismatches {mismatches[:2]}")
+    print(
+        f"soak: {total} answers in {SOAK_S:.0f} s by {CLIENTS} clients, {len(errors)} errors, "
+        f"{len(mismatches)} mismatches; per path {dict(done)}; first mismatches {mismatches[:2]}"
+    )
     assert not errors, f"{len(errors)} of {total + len(errors)} requests failed, first: {errors[:3]}"
     assert not mismatches, mismatches[:3]
     assert set(done) == set(PATHS), f"paths never exercised: {set(PATHS) - set(done)}"

@@ -27,11 +27,26 @@ def llama_dir(tiny_checkpoints):
 
 def values(model_dir, **extra):
     config = MGMConfig.from_model_dir(model_dir)
-    out = dict(triton_max_batch_size=8, max_queue_delay_microseconds=1000, model_dir=model_dir,
-               lr_dims="-1, 3, 336, 336", image_size_aux=config.image_size_aux, hidden_size=config.hidden_size,
-               max_input_len=2048, max_seq_len=3072, max_images_per_request=4, preprocessing_instances=1,
-               postprocessing_instances=1, vision_dir="/nonexistent", vision_threads=1, vision_instances=1,
-               prompt_table_type="TYPE_FP32", max_active_requests=4, llm_threads=1, vocab_offset=config.vocab_size)
+    out = dict(
+        triton_max_batch_size=8,
+        max_queue_delay_microseconds=1000,
+        model_dir=model_dir,
+        lr_dims="-1, 3, 336, 336",
+        image_size_aux=config.image_size_aux,
+        hidden_size=config.hidden_size,
+        max_input_len=2048,
+        max_seq_len=3072,
+        max_images_per_request=4,
+        preprocessing_instances=1,
+        postprocessing_instances=1,
+        vision_dir="/nonexistent",
+        vision_threads=1,
+        vision_instances=1,
+        prompt_table_type="TYPE_FP32",
+        max_active_requests=4,
+        llm_threads=1,
+        vocab_offset=config.vocab_size,
+    )
     out.update(extra)
     return out
 
@@ -47,13 +62,20 @@ def text(value: str) -> np.ndarray:
 
 
 # ---- load-time config checks ----------------------------------------------------------------------
-@pytest.mark.parametrize("name,edit,message", [
-    ("preprocessing", lambda c: c.update(model_transaction_policy={"decoupled": True}), "must not use the decoupled"),
-    ("postprocessing", lambda c: c["input"].pop(), "no input 'CONV_MODE'"),
-    ("tensorrt_llm_cpu", lambda c: c.pop("model_transaction_policy"), "must use the decoupled"),
-    ("mgm_bls", lambda c: c["output"][0].update(data_type="TYPE_INT32"), "text_output' must be TYPE_STRING"),
-    ("preprocessing", lambda c: c["output"][2].update(dims=["-1", "3", "224", "224"]), "must have dims"),
-])
+@pytest.mark.parametrize(
+    "name,edit,message",
+    [
+        (
+            "preprocessing",
+            lambda c: c.update(model_transaction_policy={"decoupled": True}),
+            "must not use the decoupled",
+        ),
+        ("postprocessing", lambda c: c["input"].pop(), "no input 'CONV_MODE'"),
+        ("tensorrt_llm_cpu", lambda c: c.pop("model_transaction_policy"), "must use the decoupled"),
+        ("mgm_bls", lambda c: c["output"][0].update(data_type="TYPE_INT32"), "text_output' must be TYPE_STRING"),
+        ("preprocessing", lambda c: c["output"][2].update(dims=["-1", "3", "224", "224"]), "must have dims"),
+    ],
+)
 def test_a_wrong_config_fails_at_load_time(stub, llama_dir, name, edit, message):
     config = tb.model_config(name, **values(llama_dir))
     edit(config)
@@ -65,8 +87,14 @@ def test_a_wrong_config_fails_at_load_time(stub, llama_dir, name, edit, message)
 def test_preprocessing_model_answers_each_request_alone(stub, llama_dir):
     model = start("preprocessing", tb.model_config("preprocessing", **values(llama_dir)))
     image = np.frombuffer(png(random_image(50, 40, seed=4)), np.uint8)[None]
-    good = tb.Request({"QUERY": text("What is it?"), "IMAGE": image, "IMAGE_SIZES": np.array([[image.size]], np.int32),
-                       "REQUEST_OUTPUT_LEN": np.array([[8]], np.int32)})
+    good = tb.Request(
+        {
+            "QUERY": text("What is it?"),
+            "IMAGE": image,
+            "IMAGE_SIZES": np.array([[image.size]], np.int32),
+            "REQUEST_OUTPUT_LEN": np.array([[8]], np.int32),
+        }
+    )
     bad = tb.Request({"QUERY": text("   "), "REQUEST_OUTPUT_LEN": np.array([[8]], np.int32)})
     long = tb.Request({"QUERY": text("Hi."), "REQUEST_OUTPUT_LEN": np.array([[5000]], np.int32)})
     out = model.execute([good, bad, long])
@@ -102,7 +130,9 @@ def test_postprocessing_trims_with_each_requests_template(stub, llama_dir):
 def test_ensemble_config_takes_every_postprocessing_input_from_tensorrt_llm(llama_dir):
     # Triton refuses to load an ensemble whose step after a decoupled model also takes another input
     config = tb.model_config("ensemble", **values(llama_dir))
-    wires = {v: s["model_name"] for s in config["ensemble_scheduling"]["step"] for v in s.get("output_map", {}).values()}
+    wires = {
+        v: s["model_name"] for s in config["ensemble_scheduling"]["step"] for v in s.get("output_map", {}).values()
+    }
     post = next(s for s in config["ensemble_scheduling"]["step"] if s["model_name"] == "postprocessing")
     assert {wires.get(v) for v in post["input_map"].values()} == {"tensorrt_llm"}
     used = {v for s in config["ensemble_scheduling"]["step"] for v in s["input_map"].values()}
@@ -112,21 +142,31 @@ def test_ensemble_config_takes_every_postprocessing_input_from_tensorrt_llm(llam
 # ---- vision encoder -------------------------------------------------------------------------------
 def test_vision_encoder_splits_one_batched_run_per_request(stub, llama_dir, monkeypatch):
     import triton_models.lib.vision_runner as vr
+
     cfg = MGMConfig.from_model_dir(llama_dir)
     runs = []
 
     def fake_runner(images, images_aux):
         runs.append(images.shape[0])
-        return {"image_features": images[:, :1, 0, :2].reshape(images.shape[0], 1, 2).repeat(1, 3, cfg.hidden_size // 2)}
+        return {
+            "image_features": images[:, :1, 0, :2].reshape(images.shape[0], 1, 2).repeat(1, 3, cfg.hidden_size // 2)
+        }
 
-    monkeypatch.setattr(vr, "load_vision_artifact", lambda d, t: (
-        {"max_batch_size": 4, "tokens_per_image": 3, "hidden_size": cfg.hidden_size}, fake_runner))
+    monkeypatch.setattr(
+        vr,
+        "load_vision_artifact",
+        lambda d, t: ({"max_batch_size": 4, "tokens_per_image": 3, "hidden_size": cfg.hidden_size}, fake_runner),
+    )
     model = start("vision_encoder", tb.model_config("vision_encoder", **values(llama_dir)))
     aux = cfg.image_size_aux
 
     def req(n, value):
-        return tb.Request({"IMAGES": np.full((1, n, 3, 336, 336), value, np.float32),
-                           "IMAGES_AUX": np.zeros((1, n, 3, aux, aux), np.float32)})
+        return tb.Request(
+            {
+                "IMAGES": np.full((1, n, 3, 336, 336), value, np.float32),
+                "IMAGES_AUX": np.zeros((1, n, 3, aux, aux), np.float32),
+            }
+        )
 
     out = model.execute([req(2, 1.0), req(0, 0.0), req(1, 3.0)])
     assert runs == [3]  # every image of the batch in one run
@@ -138,8 +178,12 @@ def test_vision_encoder_splits_one_batched_run_per_request(stub, llama_dir, monk
 
 # ---- tensorrt_llm (CPU) ---------------------------------------------------------------------------
 def llm_request(ids, max_tokens, streaming, **extra):
-    inputs = {"input_ids": np.array([ids], np.int32), "input_lengths": np.array([[len(ids)]], np.int32),
-              "request_output_len": np.array([[max_tokens]], np.int32), "streaming": np.array([[streaming]])}
+    inputs = {
+        "input_ids": np.array([ids], np.int32),
+        "input_lengths": np.array([[len(ids)]], np.int32),
+        "request_output_len": np.array([[max_tokens]], np.int32),
+        "streaming": np.array([[streaming]]),
+    }
     inputs.update(extra)
     return tb.Request(inputs, request_id=f"r{len(ids)}")
 
@@ -161,6 +205,7 @@ def test_llm_model_streams_solo_greedy_tokens_from_one_thread(stub, llama_dir):
         def send(self, response=None, flags=0, _original=original):
             senders.add(threading.get_ident())
             _original(self, response, flags)
+
         cls.send = send
     try:
         reqs = [llm_request(list(range(5, 5 + n)), 7, streaming=s) for n, s in ((4, True), (9, False), (13, True))]
@@ -170,9 +215,11 @@ def test_llm_model_streams_solo_greedy_tokens_from_one_thread(stub, llama_dir):
         tb.ResponseSender.send = original
         model.finalize()
     assert len(senders) == 1  # one owner sends every response
-    streamed = [[int(r.output("output_ids").reshape(-1)[0]) for r in reqs[0].sender.responses()],
-                reqs[1].sender.responses()[0].output("output_ids").reshape(-1).tolist(),
-                [int(r.output("output_ids").reshape(-1)[0]) for r in reqs[2].sender.responses()]]
+    streamed = [
+        [int(r.output("output_ids").reshape(-1)[0]) for r in reqs[0].sender.responses()],
+        reqs[1].sender.responses()[0].output("output_ids").reshape(-1).tolist(),
+        [int(r.output("output_ids").reshape(-1)[0]) for r in reqs[2].sender.responses()],
+    ]
     assert streamed == solo
     assert all(r.sender.finished for r in reqs + [bad])
     assert "max_new_tokens" in bad.sender.sent[-1][0].error().message()
@@ -229,14 +276,24 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
 
     def preprocessing(inputs):
         assert inputs["QUERY"][0, 0] == b"Why?" and inputs["CONV_MODE"][0, 0] == b"chatml_direct"
-        return tb.InferenceResponse([tb.Tensor(n, np.zeros((1, 2), np.int32)) for n in (
-            "INPUT_ID", "REQUEST_INPUT_LEN", "END_ID", "STOP_WORDS_IDS")] + [
-            tb.Tensor("IMAGES", np.zeros((1, 0, 3, 336, 336), np.float32)),
-            tb.Tensor("IMAGES_AUX", np.zeros((1, 0, 3, 8, 8), np.float32))])
+        return tb.InferenceResponse(
+            [
+                tb.Tensor(n, np.zeros((1, 2), np.int32))
+                for n in ("INPUT_ID", "REQUEST_INPUT_LEN", "END_ID", "STOP_WORDS_IDS")
+            ]
+            + [
+                tb.Tensor("IMAGES", np.zeros((1, 0, 3, 336, 336), np.float32)),
+                tb.Tensor("IMAGES_AUX", np.zeros((1, 0, 3, 8, 8), np.float32)),
+            ]
+        )
 
     def vision(inputs):
-        return tb.InferenceResponse([tb.Tensor("OUT_PROMPT_EMBEDDING_TABLE", np.zeros((1, 0, 4), np.float32)),
-                                     tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32))])
+        return tb.InferenceResponse(
+            [
+                tb.Tensor("OUT_PROMPT_EMBEDDING_TABLE", np.zeros((1, 0, 4), np.float32)),
+                tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32)),
+            ]
+        )
 
     def llm(inputs):
         if "stop" in inputs:
@@ -256,12 +313,22 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     tb.downstream.update(preprocessing=preprocessing, vision_encoder=vision, tensorrt_llm=llm_call)
     model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
     try:
-        reqs = [tb.Request({"text_input": text("Why?"), "max_tokens": np.array([[20]], np.int32),
-                            "conv_mode": text("chatml_direct"), "stream": np.array([[stream]])}) for stream in (True, False)]
+        reqs = [
+            tb.Request(
+                {
+                    "text_input": text("Why?"),
+                    "max_tokens": np.array([[20]], np.int32),
+                    "conv_mode": text("chatml_direct"),
+                    "stream": np.array([[stream]]),
+                }
+            )
+            for stream in (True, False)
+        ]
         asyncio.run(model.execute(reqs))
     finally:
         model.finalize()
     from collections import Counter
+
     assert Counter(m for m, _ in tb.bls_calls) == {"preprocessing": 2, "vision_encoder": 2, "tensorrt_llm": 4}
     # the generation was stopped at the stop string: a `stop` request with the generation's id
     generations = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" not in i]
@@ -288,20 +355,28 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
     empty = {"IMAGES": np.zeros((1, 0, 3, 336, 336), np.float32), "IMAGES_AUX": np.zeros((1, 0, 3, 8, 8), np.float32)}
     tb.downstream.update(
         preprocessing=lambda inputs: tb.InferenceResponse(
-            [tb.Tensor(n, np.zeros((1, 2), np.int32)) for n in ("INPUT_ID", "REQUEST_INPUT_LEN", "END_ID",
-                                                                 "STOP_WORDS_IDS")] +
-            [tb.Tensor(n, v) for n, v in empty.items()]),
+            [
+                tb.Tensor(n, np.zeros((1, 2), np.int32))
+                for n in ("INPUT_ID", "REQUEST_INPUT_LEN", "END_ID", "STOP_WORDS_IDS")
+            ]
+            + [tb.Tensor(n, v) for n, v in empty.items()]
+        ),
         vision_encoder=lambda inputs: tb.InferenceResponse(
-            [tb.Tensor("OUT_PROMPT_EMBEDDING_TABLE", np.zeros((1, 0, 4), np.float32)),
-             tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32))]),
-        tensorrt_llm=llm)
+            [
+                tb.Tensor("OUT_PROMPT_EMBEDDING_TABLE", np.zeros((1, 0, 4), np.float32)),
+                tb.Tensor("OUT_PROMPT_VOCAB_SIZE", np.zeros((1, 1), np.int32)),
+            ]
+        ),
+        tensorrt_llm=llm,
+    )
     model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
-    req = tb.Request({"text_input": text("Colour?"), "max_tokens": np.array([[20]], np.int32),
-                      "conv_mode": text("chatml_direct")})
+    req = tb.Request(
+        {"text_input": text("Colour?"), "max_tokens": np.array([[20]], np.int32), "conv_mode": text("chatml_direct")}
+    )
     try:
         asyncio.run(model.execute([req]))
     finally:
         model.finalize()
-    (response, flags), = req.sender.sent
+    ((response, flags),) = req.sender.sent
     assert flags == tb.FINAL and not response.has_error()
     assert response.output("text_output")[0, 0].decode() == "Red."

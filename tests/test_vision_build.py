@@ -3,6 +3,8 @@ the artifact's config.json, and the error paths.
 
 Parity is measured on fresh random inputs (not the export's or the build check's) against the
 float32 mgm_ref encoder loaded from the same checkpoint.
+
+Over 400 lines: one file per command under test (`mgm-build vision`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from mgm_ref.config import MGMConfig
 from mgm_ref.errors import CheckpointError, MGMError
 from mgm_ref.loader import load_vision
 from mgm_runtime.vision_artifact import load_vision_artifact
+
+pytestmark = pytest.mark.slow  # model builds and exports: seconds each (left out of `make test-fast`)
 
 MODELS = [("llama", False), ("llama", True), ("gemma", False), ("gemma", True)]
 MODEL_IDS = [f"{llm}-{'hd' if hd else 'normal'}" for llm, hd in MODELS]
@@ -66,8 +70,16 @@ def ort_artifacts(checkpoints, tmp_path_factory):
         key = (llm, hd, dtype)
         if key not in cache:
             out = root / f"{llm}-{hd}-{dtype}"
-            run_vision_build(_args(model_dir=checkpoints[(llm, hd)], output_dir=out, backend="onnxruntime",
-                                   dtype=dtype, max_batch_size=4, quiet=True))
+            run_vision_build(
+                _args(
+                    model_dir=checkpoints[(llm, hd)],
+                    output_dir=out,
+                    backend="onnxruntime",
+                    dtype=dtype,
+                    max_batch_size=4,
+                    quiet=True,
+                )
+            )
             cache[key] = out
         return cache[key]
 
@@ -168,21 +180,43 @@ def test_tensorrt_rtx_parses_and_builds_each_exported_graph(ort_artifacts, refer
     _require_rtx()
     cfg, _ = references[(llm, hd)]
     spec = VisionGraphSpec.from_config(cfg)
-    result = build_engine(ort_artifacts(llm, hd, dtype) / "model.onnx", tmp_path / "model.engine", spec.profiles(4),
-                          backend="tensorrt_rtx", log=None)
+    result = build_engine(
+        ort_artifacts(llm, hd, dtype) / "model.onnx",
+        tmp_path / "model.engine",
+        spec.profiles(4),
+        backend="tensorrt_rtx",
+        log=None,
+    )
     assert result.engine_bytes > 0
     trt_dtype = {"float32": "float", "float16": "half"}[dtype]
-    assert result.outputs == [{"name": OUTPUT_NAME, "dtype": trt_dtype, "shape": [-1, spec.tokens_per_image, spec.hidden_size]}]
+    assert result.outputs == [
+        {"name": OUTPUT_NAME, "dtype": trt_dtype, "shape": [-1, spec.tokens_per_image, spec.hidden_size]}
+    ]
     assert [i["shape"] for i in result.inputs] == [[-1, *spec.images_shape], [-1, *spec.images_aux_shape]]
 
 
-@pytest.mark.parametrize("llm,hd,dtype", [("llama", False, "float16"), ("gemma", True, "bfloat16")],
-                         ids=["llama-normal-fp16", "gemma-hd-bf16"])
+@pytest.mark.parametrize(
+    "llm,hd,dtype",
+    [("llama", False, "float16"), ("gemma", True, "bfloat16")],
+    ids=["llama-normal-fp16", "gemma-hd-bf16"],
+)
 def test_cli_builds_tensorrt_rtx_engine_folder(checkpoints, references, tmp_path, capsys, llm, hd, dtype):
     _require_rtx()
     out = tmp_path / "vision"
-    rc = main(["--model_dir", str(checkpoints[(llm, hd)]), "--output_dir", str(out), "--backend", "tensorrt_rtx",
-               "--dtype", dtype, "--max_batch_size", "3"])
+    rc = main(
+        [
+            "--model_dir",
+            str(checkpoints[(llm, hd)]),
+            "--output_dir",
+            str(out),
+            "--backend",
+            "tensorrt_rtx",
+            "--dtype",
+            dtype,
+            "--max_batch_size",
+            "3",
+        ]
+    )
     assert rc == 0
     logs = capsys.readouterr().out
     assert "step 1/3" in logs and "step 3/3" in logs
@@ -201,8 +235,17 @@ def test_cli_builds_tensorrt_rtx_engine_folder(checkpoints, references, tmp_path
 def test_keep_onnx_keeps_the_graph_beside_the_engine(references, tmp_path):
     _require_rtx()
     cfg, ref = references[("llama", False)]
-    config = build_vision(ref, cfg, tmp_path, dtype="float32", max_batch_size=2, backend="tensorrt_rtx",
-                          keep_onnx=True, verify=False, log=lambda m: None)
+    config = build_vision(
+        ref,
+        cfg,
+        tmp_path,
+        dtype="float32",
+        max_batch_size=2,
+        backend="tensorrt_rtx",
+        keep_onnx=True,
+        verify=False,
+        log=lambda m: None,
+    )
     assert (tmp_path / config["onnx"]).is_file() and (tmp_path / "model.engine").is_file()
 
 
@@ -211,7 +254,9 @@ def test_keep_onnx_keeps_the_graph_beside_the_engine(references, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def _gpu_backend():
     if not torch.cuda.is_available():
-        pytest.skip("running a TensorRT engine needs an NVIDIA GPU; this host has none (torch.cuda.is_available() is False)")
+        pytest.skip(
+            "running a TensorRT engine needs an NVIDIA GPU; this host has none (torch.cuda.is_available() is False)"
+        )
     for backend in ("tensorrt", "tensorrt_rtx"):
         try:
             import_tensorrt(backend)
@@ -263,8 +308,9 @@ def fake_gpu_build(monkeypatch, references, tmp_path):
         monkeypatch.undo()
         monkeypatch.setattr(vision, "build_engine", fake_build)
         monkeypatch.setattr(vision, "verify_engine", verify_engine)
-        return build_vision(ref, cfg, tmp_path / "out", dtype="float32", max_batch_size=2, backend="tensorrt_rtx",
-                            log=lambda m: None)
+        return build_vision(
+            ref, cfg, tmp_path / "out", dtype="float32", max_batch_size=2, backend="tensorrt_rtx", log=lambda m: None
+        )
 
     return build
 
@@ -309,7 +355,9 @@ def test_missing_checkpoint_folder(tmp_path):
 def test_folder_without_config_json(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):
-        run_vision_build(_args(model_dir=tmp_path / "ckpt", output_dir=tmp_path / "out", backend="onnxruntime", quiet=True))
+        run_vision_build(
+            _args(model_dir=tmp_path / "ckpt", output_dir=tmp_path / "out", backend="onnxruntime", quiet=True)
+        )
 
 
 def test_incomplete_checkpoint_names_the_missing_shard(checkpoints, tmp_path):
@@ -327,8 +375,11 @@ def test_unwritable_output_dir_fails_before_loading(checkpoints, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(VisionBuildError, match="not writable"):
-        run_vision_build(_args(model_dir=checkpoints[("llama", False)], output_dir=blocker / "out",
-                               backend="onnxruntime", quiet=True))
+        run_vision_build(
+            _args(
+                model_dir=checkpoints[("llama", False)], output_dir=blocker / "out", backend="onnxruntime", quiet=True
+            )
+        )
 
 
 def test_unsupported_dtype(references, tmp_path, capsys):
@@ -341,8 +392,18 @@ def test_unsupported_dtype(references, tmp_path, capsys):
 
 
 def test_bfloat16_is_refused_for_the_cpu_artifact(checkpoints, tmp_path, capsys):
-    rc = main(["--model_dir", str(checkpoints[("llama", False)]), "--output_dir", str(tmp_path / "o"),
-               "--backend", "onnxruntime", "--dtype", "bfloat16"])
+    rc = main(
+        [
+            "--model_dir",
+            str(checkpoints[("llama", False)]),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--backend",
+            "onnxruntime",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert rc == 2
     assert "bfloat16 cannot be served by ONNX Runtime" in capsys.readouterr().err
 
@@ -350,8 +411,9 @@ def test_bfloat16_is_refused_for_the_cpu_artifact(checkpoints, tmp_path, capsys)
 def test_missing_tensorrt_is_reported_before_the_export(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     with pytest.raises(EngineBuildError, match="tensorrt_rtx"):
-        run_vision_build(_args(model_dir=checkpoints[("llama", False)], output_dir=tmp_path / "o",
-                               backend="tensorrt", quiet=True))
+        run_vision_build(
+            _args(model_dir=checkpoints[("llama", False)], output_dir=tmp_path / "o", backend="tensorrt", quiet=True)
+        )
     assert not (tmp_path / "o" / "onnx").exists()
 
 

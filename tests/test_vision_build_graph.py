@@ -13,12 +13,14 @@ import torch
 
 from build_engines.onnx_export import export_onnx
 from build_engines.onnx_flops import count_flops
-from mgm_runtime.ort_runner import OrtRunner
 from build_engines.vision import MGMVisionGraph, VisionGraphSpec, rel_l2
 from build_engines.vision_graph import MiningOnly, random_mining_projectors
 from mgm_ref.config import MGMConfig
 from mgm_ref.loader import load_vision
 from mgm_ref.vision import window_hr_features
+from mgm_runtime.ort_runner import OrtRunner
+
+pytestmark = pytest.mark.slow  # model builds and exports: seconds each (left out of `make test-fast`)
 
 # (C_lr, C_hr, grid side P, window side M): tiny checkpoint sizes and MGM-7B's
 SIZES = {"tiny": (64, 240, 24, 4), "mgm7b": (1024, 2880, 24, 8)}
@@ -47,8 +49,11 @@ def exported(tmp_path_factory):
     def get(size, dtype="float32"):
         if (size, dtype) not in cache:
             ref, new = _pair(size)
-            target = new if dtype == "float32" else MiningOnly(
-                random_mining_projectors(*SIZES[size][:2], 0).half(), reassociated=True).eval()
+            target = (
+                new
+                if dtype == "float32"
+                else MiningOnly(random_mining_projectors(*SIZES[size][:2], 0).half(), reassociated=True).eval()
+            )
             path = tmp_path_factory.mktemp(f"mining-{size}-{dtype}") / "mining.onnx"
             export_onnx(target, _inputs(size, 2, 0, DTYPES[dtype]), path, ["lr", "hr"], ["tokens"], AXES, log=None)
             cache[(size, dtype)] = ref, OrtRunner(path, threads=2), path
@@ -72,7 +77,9 @@ def test_eager_reassociated_mining_matches_reference(size, seed):
     # the inputs make the logits spread over several units, so the attention weights matter
     with torch.no_grad():
         keys = ref.vlm_uni_aux_projector(window_hr_features(hr, SIZES[size][2]))
-        logits = (ref.vlm_uni_query_projector(lr)[:, :, None] @ keys.transpose(-1, -2)).squeeze(2) / keys.shape[-1] ** 0.5
+        logits = (ref.vlm_uni_query_projector(lr)[:, :, None] @ keys.transpose(-1, -2)).squeeze(2) / keys.shape[
+            -1
+        ] ** 0.5
     assert logits.std(-1).mean() > 0.5
 
 
@@ -158,8 +165,16 @@ class _Toy(torch.nn.Module):
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_flop_counter_on_a_known_graph(tmp_path, exporter):
     x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 7)
-    path = export_onnx(_Toy().eval(), (x, y), tmp_path / "toy.onnx", ["x", "y"], ["out"],
-                       {"x": {0: "b"}, "y": {0: "b"}, "out": {0: "b"}}, exporter=exporter, log=None)
+    path = export_onnx(
+        _Toy().eval(),
+        (x, y),
+        tmp_path / "toy.onnx",
+        ["x", "y"],
+        ["out"],
+        {"x": {0: "b"}, "y": {0: "b"}, "out": {0: "b"}},
+        exporter=exporter,
+        log=None,
+    )
     for b in (1, 3):
         want = b * (2 * 16 * 8 * 3 * 9 + 2 * 16 * 8 * 9 + 2 * 16 * 8 * 5 + 2 * 16 * 5 * 7)
         assert count_flops(path, {"x": (b, 3, 4, 4), "y": (b, 5, 7)}).total == want
@@ -167,12 +182,13 @@ def test_flop_counter_on_a_known_graph(tmp_path, exporter):
 
 def test_reassociated_mining_is_30x_cheaper_at_mgm7b_sizes(exported, tmp_path):
     ref, _, new_path = exported("mgm7b")
-    ref_path = export_onnx(ref, _inputs("mgm7b", 1, 0), tmp_path / "ref.onnx", ["lr", "hr"], ["tokens"], AXES,
-                           log=None)
+    ref_path = export_onnx(ref, _inputs("mgm7b", 1, 0), tmp_path / "ref.onnx", ["lr", "hr"], ["tokens"], AXES, log=None)
     shapes = {"lr": (1, 576, 1024), "hr": (1, 2880, 192, 192)}
     before, after = count_flops(ref_path, shapes).gflop, count_flops(new_path, shapes).gflop
-    print(f"mining GFLOP per 336 view at MGM-7B sizes: reference {before:.1f}, re-associated {after:.2f}, "
-          f"{before / after:.0f}x")
+    print(
+        f"mining GFLOP per 336 view at MGM-7B sizes: reference {before:.1f}, re-associated {after:.2f}, "
+        f"{before / after:.0f}x"
+    )
     # reference: k and v projections 2 * 36864 * 2880 * 1024 each, plus q, logits and the weighted sum
     assert 434 < before < 437
     assert before / after >= 30

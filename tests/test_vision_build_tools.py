@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from build_engines.onnx_export import OnnxExportError, describe_io, export_onnx
-from mgm_runtime.ort_runner import OrtRunner
 from build_engines.trt_engine import EngineBuildError, InputProfile, batch_profile, build_engine, import_tensorrt
+from mgm_runtime.ort_runner import OrtRunner
 
 
 class Toy(torch.nn.Module):
@@ -42,8 +42,9 @@ def _rel_l2(a, b):
 def toy_onnx(request, tmp_path_factory):
     torch.manual_seed(0)
     model = Toy().eval()
-    path = export_onnx(model, _inputs(2), tmp_path_factory.mktemp("toy") / "toy.onnx", *NAMES, AXES,
-                       exporter=request.param, log=None)
+    path = export_onnx(
+        model, _inputs(2), tmp_path_factory.mktemp("toy") / "toy.onnx", *NAMES, AXES, exporter=request.param, log=None
+    )
     return model, path
 
 
@@ -100,15 +101,23 @@ def _rtx():
 
 def _toy_profiles(max_batch=4):
     lo, mid, hi = batch_profile(max_batch)
-    return [InputProfile("tokens", (lo, 5, 8), (mid, 5, 8), (hi, 5, 8)),
-            InputProfile("pixels", (lo, 16, 4, 4), (mid, 16, 4, 4), (hi, 16, 4, 4))]
+    return [
+        InputProfile("tokens", (lo, 5, 8), (mid, 5, 8), (hi, 5, 8)),
+        InputProfile("pixels", (lo, 16, 4, 4), (mid, 16, 4, 4), (hi, 16, 4, 4)),
+    ]
 
 
 def test_tensorrt_rtx_builds_the_toy_graph(toy_onnx, tmp_path):
     _rtx()
     lines = []
-    result = build_engine(toy_onnx[1], tmp_path / "model.engine", _toy_profiles(), backend="tensorrt_rtx",
-                          timing_cache=tmp_path / "cache", log=lines.append)
+    result = build_engine(
+        toy_onnx[1],
+        tmp_path / "model.engine",
+        _toy_profiles(),
+        backend="tensorrt_rtx",
+        timing_cache=tmp_path / "cache",
+        log=lines.append,
+    )
     assert result.engine_path.stat().st_size > 0
     assert result.outputs == [{"name": "out", "dtype": "float", "shape": [-1, 5, 16]}]
     assert any("building the engine" in line for line in lines)
@@ -120,14 +129,19 @@ def test_tensorrt_rtx_reports_the_failing_node(tmp_path):
     from onnx import TensorProto, helper
 
     node = helper.make_node("FancyUnknownOp", ["x"], ["y"], name="the_bad_node", domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     with pytest.raises(EngineBuildError) as info:
-        build_engine(path, tmp_path / "bad.engine", [InputProfile("x", (1, 4), (1, 4), (2, 4))],
-                     backend="tensorrt_rtx", log=None)
+        build_engine(
+            path, tmp_path / "bad.engine", [InputProfile("x", (1, 4), (1, 4), (2, 4))], backend="tensorrt_rtx", log=None
+        )
     msg = str(info.value)
     assert "could not parse" in msg and "the_bad_node" in msg and "FancyUnknownOp" in msg
     assert not (tmp_path / "bad.engine").exists()
@@ -136,8 +150,13 @@ def test_tensorrt_rtx_reports_the_failing_node(tmp_path):
 def test_profile_for_unknown_input_is_an_error(toy_onnx, tmp_path):
     _rtx()
     with pytest.raises(EngineBuildError, match="does not have"):
-        build_engine(toy_onnx[1], tmp_path / "m.engine", [InputProfile("nope", (1,), (1,), (1,))],
-                     backend="tensorrt_rtx", log=None)
+        build_engine(
+            toy_onnx[1],
+            tmp_path / "m.engine",
+            [InputProfile("nope", (1,), (1,), (1,))],
+            backend="tensorrt_rtx",
+            log=None,
+        )
 
 
 def test_missing_tensorrt_gives_an_install_hint(monkeypatch):

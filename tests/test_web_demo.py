@@ -22,8 +22,16 @@ QUESTION = "What is in the picture?"
 IMAGE = png(random_image(480, 320, seed=11))
 CHROMIUM = os.environ.get("MGM_CHROMIUM", "/usr/bin/chromium")
 # As the machine notes say: without the background-networking flags Chromium keeps dialling out.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +73,12 @@ def post_chat(web, body) -> tuple[int, list[tuple[str, dict]]]:
 
 
 def chat_body(question=QUESTION, image=IMAGE, **kw):
-    body = {"question": question, "images": ["data:image/png;base64," + base64.b64encode(image).decode()],
-            "temperature": 0, "max_tokens": MAX_TOKENS}
+    body = {
+        "question": question,
+        "images": ["data:image/png;base64," + base64.b64encode(image).decode()],
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+    }
     body.update(kw)
     return body
 
@@ -115,16 +127,19 @@ def test_ocr_and_gen_toggles(served, web):
     assert done["gen"]["image"] is None and done["gen"]["note"]  # no <h> span / no SDXL here: says why
 
 
-@pytest.mark.parametrize("body,status,message", [
-    (b"{not json", 400, "not valid JSON"),
-    (chat_body(question="   "), 400, "type a question first"),
-    (chat_body(images=["data:image/png;base64,@@@"]), 400, "not valid base64"),
-    (chat_body(image=b"plain text, not an image"), 400, "cannot decode the image"),
-    (chat_body(history="nope"), 400, "history"),
-    (chat_body(max_tokens="many"), 400, "max_tokens must be a number"),
-    (chat_body(max_tokens=0), 200, "max"),                   # refused by the Triton server: an error event
-    (chat_body(conv_mode="nope"), 200, "unknown conversation mode"),
-])
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (chat_body(question="   "), 400, "type a question first"),
+        (chat_body(images=["data:image/png;base64,@@@"]), 400, "not valid base64"),
+        (chat_body(image=b"plain text, not an image"), 400, "cannot decode the image"),
+        (chat_body(history="nope"), 400, "history"),
+        (chat_body(max_tokens="many"), 400, "max_tokens must be a number"),
+        (chat_body(max_tokens=0), 200, "max"),  # refused by the Triton server: an error event
+        (chat_body(conv_mode="nope"), 200, "unknown conversation mode"),
+    ],
+)
 def test_bad_input_gets_an_error_and_the_server_keeps_serving(served, web, body, status, message):
     got, events = post_chat(web, body)
     assert got == status
@@ -135,12 +150,13 @@ def test_bad_input_gets_an_error_and_the_server_keeps_serving(served, web, body,
 
 def test_a_page_that_goes_away_mid_answer_does_not_hurt_the_server(served, web):
     import http.client
+
     host, port = web.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=60)
     conn.request("POST", "/api/chat", json.dumps(chat_body(max_tokens=32)), {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"event: question")
-    conn.close()                                   # leave before the answer is done
+    conn.close()  # leave before the answer is done
     _, events = post_chat(web, chat_body())
     assert events[-1][0] == "done" and events[-1][1]["text"] == greedy(served, QUESTION)
 
@@ -151,8 +167,10 @@ def test_a_page_that_goes_away_mid_answer_does_not_hurt_the_server(served, web):
 @pytest.fixture(scope="module")
 def browser():
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)) and not shutil.which(CHROMIUM):
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install -y chromium; "
-                    "or set MGM_CHROMIUM); the page is tested in a real browser only")
+        pytest.skip(
+            f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install -y chromium; "
+            "or set MGM_CHROMIUM); the page is tested in a real browser only"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -189,7 +207,7 @@ def test_page_upload_ask_and_watch_the_answer_stream(page, served, tmp_path):
     answer = ask(page, QUESTION)
     expected = greedy(served, QUESTION)
     assert answer.get_attribute("data-state") == "done", page.inner_text("#error")
-    assert int(answer.get_attribute("data-chunks")) > 1                # deltas were appended one by one
+    assert int(answer.get_attribute("data-chunks")) > 1  # deltas were appended one by one
     assert answer.locator(".text").inner_text().strip() == expected.strip() != ""
     assert "tokens, first token" in answer.locator(".meta").inner_text()
     # Second turn: the page keeps the history and sends it back.
@@ -200,7 +218,7 @@ def test_page_upload_ask_and_watch_the_answer_stream(page, served, tmp_path):
 
 
 def test_page_shows_errors_and_keeps_working(page, served, tmp_path):
-    page.click("#send")                                                   # nothing typed
+    page.click("#send")  # nothing typed
     assert "type a question first" in page.inner_text("#error")
     (tmp_path / "bad.png").write_bytes(b"plain text, not an image")
     page.set_input_files("#image", str(tmp_path / "bad.png"))
@@ -208,7 +226,7 @@ def test_page_shows_errors_and_keeps_working(page, served, tmp_path):
     answer = ask(page, QUESTION)
     assert answer.get_attribute("data-state") == "error"
     assert "cannot decode the image" in page.inner_text("#error")
-    (tmp_path / "ok.png").write_bytes(IMAGE)                              # a good image: it works again
+    (tmp_path / "ok.png").write_bytes(IMAGE)  # a good image: it works again
     page.set_input_files("#image", str(tmp_path / "ok.png"))
     page.wait_for_selector("#preview[src^='data:image/png']")
     page.fill("#temperature", "0")

@@ -20,8 +20,16 @@ import numpy as np
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models" / "templates"
 FINAL = 1
 
-_DTYPES = {"TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
-           "TYPE_UINT64": np.uint64, "TYPE_FP16": np.float16, "TYPE_FP32": np.float32, "TYPE_STRING": np.object_}
+_DTYPES = {
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_STRING": np.object_,
+}
 
 
 class TritonError:
@@ -181,5 +189,9 @@ def model_config(name: str, **values) -> dict:
 
 
 def args_for(config: dict) -> dict:
-    return {"model_config": json.dumps(config), "model_name": config["name"], "model_instance_kind": "CPU",
-            "model_instance_device_id": "0"}
+    return {
+        "model_config": json.dumps(config),
+        "model_name": config["name"],
+        "model_instance_kind": "CPU",
+        "model_instance_device_id": "0",
+    }

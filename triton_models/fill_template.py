@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 # Only the braced form: a bare `$` can legitimately appear in a pbtxt string value.
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -46,10 +46,10 @@ def fill_template(text: str, values: Mapping[str, object], *, partial: bool = Fa
     """
     unknown = sorted(set(values) - placeholders(text))
     if unknown:
-        raise ValueError(f"template has no placeholder for {unknown}; "
-                         f"its placeholders are {sorted(placeholders(text))}")
-    filled = _PLACEHOLDER.sub(
-        lambda m: _as_text(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
+        raise ValueError(
+            f"template has no placeholder for {unknown}; its placeholders are {sorted(placeholders(text))}"
+        )
+    filled = _PLACEHOLDER.sub(lambda m: _as_text(values[m.group(1)]) if m.group(1) in values else m.group(0), text)
     leftover = sorted(set(_ANY_BRACED.findall(filled)))
     if leftover and not partial:
         raise ValueError(f"placeholders left unfilled: {leftover}")
@@ -73,14 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("file", type=Path, help="config.pbtxt template")
     parser.add_argument("substitutions", help="key:value pairs separated by commas")
-    parser.add_argument("-i", "--in_place", action="store_true",
-                        help="rewrite the file instead of printing the result")
-    parser.add_argument("--partial", action="store_true",
-                        help="allow placeholders to stay (fill in several passes)")
+    parser.add_argument("-i", "--in_place", action="store_true", help="rewrite the file instead of printing the result")
+    parser.add_argument("--partial", action="store_true", help="allow placeholders to stay (fill in several passes)")
     args = parser.parse_args(argv)
     try:
-        filled = fill_template(args.file.read_text(), parse_substitutions(args.substitutions),
-                               partial=args.partial)
+        filled = fill_template(args.file.read_text(), parse_substitutions(args.substitutions), partial=args.partial)
     except ValueError as exc:
         print(f"fill_template: {args.file}: {exc}", file=sys.stderr)
         return 2

@@ -13,31 +13,48 @@ the one it was filled from in `tensorrt_llm/contract.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 from pathlib import Path
 
-from triton_models.fill_template import fill_template, placeholders, unused_values
 from mgm_ref.config import MGMConfig
 from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
 from mgm_ref.errors import CheckpointError
-from mgm_runtime.contract import (LLMContract, VisionContract, derive_limits, read_llm_contract,
-                                  read_vision_contract, write_llm_contract)
+from mgm_runtime.contract import (
+    LLMContract,
+    VisionContract,
+    derive_limits,
+    read_llm_contract,
+    read_vision_contract,
+    write_llm_contract,
+)
+from triton_models.fill_template import fill_template, placeholders, unused_values
 
 TEMPLATES = Path(__file__).parent / "templates"
 # deployed model name -> template folder, per backend
 MODELS = {
-    "cpu": {"preprocessing": "preprocessing", "vision_encoder": "vision_encoder", "tensorrt_llm": "tensorrt_llm_cpu",
-            "postprocessing": "postprocessing", "ensemble": "ensemble", "mgm_bls": "mgm_bls"},
-    "gpu": {"preprocessing": "preprocessing", "vision_encoder": "vision_encoder", "tensorrt_llm": "tensorrt_llm",
-            "postprocessing": "postprocessing", "ensemble": "ensemble", "mgm_bls": "mgm_bls"},
+    "cpu": {
+        "preprocessing": "preprocessing",
+        "vision_encoder": "vision_encoder",
+        "tensorrt_llm": "tensorrt_llm_cpu",
+        "postprocessing": "postprocessing",
+        "ensemble": "ensemble",
+        "mgm_bls": "mgm_bls",
+    },
+    "gpu": {
+        "preprocessing": "preprocessing",
+        "vision_encoder": "vision_encoder",
+        "tensorrt_llm": "tensorrt_llm",
+        "postprocessing": "postprocessing",
+        "ensemble": "ensemble",
+        "mgm_bls": "mgm_bls",
+    },
 }
 
 
-CONTRACT_FILE = "contract.json"          # the LLM contract a repository was filled from, kept in tensorrt_llm/
+CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
-CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST                         # non-HD requests on the CPU path, as far as max_input_len allows
+CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -56,38 +73,53 @@ def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> Vision
     return art
 
 
-def cpu_contract(config: MGMConfig, max_batch_size: int | None, max_input_len: int | None,
-                 max_seq_len: int | None, max_images_per_request: int | None) -> LLMContract:
+def cpu_contract(
+    config: MGMConfig,
+    max_batch_size: int | None,
+    max_input_len: int | None,
+    max_seq_len: int | None,
+    max_images_per_request: int | None,
+) -> LLMContract:
     """The CPU runner's contract, from the same formula as an engine build (it has no build step)."""
     input_len = max_input_len or config.max_length
     if max_images_per_request is None:
         fit = max(1, (input_len - 1) // config.tokens_per_image)
         max_images_per_request = 1 if config.hd else min(CPU_MAX_IMAGES, fit)
-    limits = derive_limits(max_batch_size=max_batch_size or CPU_DEFAULT_MAX_BATCH_SIZE,
-                           tokens_per_image=config.tokens_per_image, max_images_per_request=max_images_per_request,
-                           max_input_len=max_input_len, max_seq_len=max_seq_len, default_input_len=config.max_length)
-    return LLMContract(runtime="pytorch", dtype="float32", hidden_size=config.hidden_size,
-                       vocab_offset=config.vocab_size, **limits)
+    limits = derive_limits(
+        max_batch_size=max_batch_size or CPU_DEFAULT_MAX_BATCH_SIZE,
+        tokens_per_image=config.tokens_per_image,
+        max_images_per_request=max_images_per_request,
+        max_input_len=max_input_len,
+        max_seq_len=max_seq_len,
+        default_input_len=config.max_length,
+    )
+    return LLMContract(
+        runtime="pytorch", dtype="float32", hidden_size=config.hidden_size, vocab_offset=config.vocab_size, **limits
+    )
 
 
 def gpu_contract(engine_dir: Path, config: MGMConfig, **overrides: int | None) -> LLMContract:
     """The engine's contract from llm/build_info.json, lowered (never raised) by the repo's options."""
     llm = engine_dir / "llm"
     if not (llm / "engine" / "config.json").is_file():
-        raise CheckpointError(f"{engine_dir}: no llm/engine/config.json; build it with "
-                              f"`mgm-build llm --output_dir {llm} --build`")
+        raise CheckpointError(
+            f"{engine_dir}: no llm/engine/config.json; build it with `mgm-build llm --output_dir {llm} --build`"
+        )
     built = read_llm_contract(llm / "build_info.json")
     if built.runtime != "tensorrt_llm":
         raise CheckpointError(f"{llm / 'build_info.json'}: runtime {built.runtime!r}, --backend gpu needs tensorrt_llm")
     if (built.tokens_per_image, built.hidden_size) != (config.tokens_per_image, config.hidden_size):
-        raise CheckpointError(f"{llm / 'build_info.json'}: built for {built.tokens_per_image} tokens x "
-                              f"{built.hidden_size} hidden, the checkpoint has {config.tokens_per_image} x "
-                              f"{config.hidden_size}: rebuild the LLM engine")
+        raise CheckpointError(
+            f"{llm / 'build_info.json'}: built for {built.tokens_per_image} tokens x "
+            f"{built.hidden_size} hidden, the checkpoint has {config.tokens_per_image} x "
+            f"{config.hidden_size}: rebuild the LLM engine"
+        )
     return built.with_overrides(str(llm / "build_info.json"), **overrides)
 
 
-def template_values(model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract,
-                    instances: int) -> dict[str, object]:
+def template_values(
+    model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract, instances: int
+) -> dict[str, object]:
     """Every template value, read from the two contracts (never recomputed here)."""
     values = {
         "triton_max_batch_size": contract.max_batch_size,
@@ -114,21 +146,47 @@ def template_values(model_dir: Path, engine_dir: Path, contract: LLMContract, vi
     return values
 
 
-def build_repo(model_dir, engine_dir, output_dir, backend: str = "cpu", max_batch_size: int | None = None,
-               instances: int = 1, max_input_len: int | None = None, max_seq_len: int | None = None,
-               max_images_per_request: int | None = None, name: str | None = None) -> Path:
+def build_repo(
+    model_dir,
+    engine_dir,
+    output_dir,
+    backend: str = "cpu",
+    max_batch_size: int | None = None,
+    instances: int = 1,
+    max_input_len: int | None = None,
+    max_seq_len: int | None = None,
+    max_images_per_request: int | None = None,
+    name: str | None = None,
+) -> Path:
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
-        return add_named_variant(lambda tmp: build_repo(model_dir, engine_dir, tmp, backend, max_batch_size, instances,
-                                                        max_input_len, max_seq_len, max_images_per_request),
-                                 Path(output_dir), name)
+
+        return add_named_variant(
+            lambda tmp: build_repo(
+                model_dir,
+                engine_dir,
+                tmp,
+                backend,
+                max_batch_size,
+                instances,
+                max_input_len,
+                max_seq_len,
+                max_images_per_request,
+            ),
+            Path(output_dir),
+            name,
+        )
     if backend not in MODELS:
         raise ValueError(f"--backend must be one of {sorted(MODELS)}, got {backend!r}")
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
     config = MGMConfig.from_model_dir(model_dir)
     vision = vision_contract(engine_dir, backend, config)
-    limits = dict(max_batch_size=max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len,
-                  max_images_per_request=max_images_per_request)
+    limits = dict(
+        max_batch_size=max_batch_size,
+        max_input_len=max_input_len,
+        max_seq_len=max_seq_len,
+        max_images_per_request=max_images_per_request,
+    )
     contract = cpu_contract(config, **limits) if backend == "cpu" else gpu_contract(engine_dir, config, **limits)
     texts = {name: (TEMPLATES / template / "config.pbtxt").read_text() for name, template in MODELS[backend].items()}
     if out.exists():
@@ -155,14 +213,26 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--backend", choices=sorted(MODELS), default="cpu")
     parser.add_argument("--instances", type=int, default=1, help="instances of preprocessing/postprocessing")
     # gpu: default and upper bound are what llm/build_info.json records; cpu: these define the contract
-    parser.add_argument("--max_batch_size", type=int, default=None,
-                        help=f"requests batched together (gpu: the engine's; cpu: {CPU_DEFAULT_MAX_BATCH_SIZE})")
+    parser.add_argument(
+        "--max_batch_size",
+        type=int,
+        default=None,
+        help=f"requests batched together (gpu: the engine's; cpu: {CPU_DEFAULT_MAX_BATCH_SIZE})",
+    )
     parser.add_argument("--max_input_len", type=int, default=None, help="prompt tokens incl. image tokens")
     parser.add_argument("--max_seq_len", type=int, default=None, help="prompt + generated tokens")
-    parser.add_argument("--max_images_per_request", type=int, default=None,
-                        help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)")
-    parser.add_argument("--name", default=None, help="add this checkpoint to the repository as a variant of that "
-                        "name (models prefixed NAME_), keeping the other variants")
+    parser.add_argument(
+        "--max_images_per_request",
+        type=int,
+        default=None,
+        help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="add this checkpoint to the repository as a variant of that "
+        "name (models prefixed NAME_), keeping the other variants",
+    )
     return parser
 
 
@@ -170,12 +240,22 @@ def register_command(subparsers) -> None:
     """`mgm-build repo` (the mgm_build.commands entry point)."""
     help_text = "fill the Triton model repository"
     add_repo_arguments(subparsers.add_parser("repo", help=help_text, description=help_text)).set_defaults(
-        run=run_repo_build)
+        run=run_repo_build
+    )
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:
-    out = build_repo(args.model_dir, args.engine_dir, args.output_dir, args.backend, args.max_batch_size,
-                     args.instances, args.max_input_len, args.max_seq_len, args.max_images_per_request,
-                     getattr(args, "name", None))
+    out = build_repo(
+        args.model_dir,
+        args.engine_dir,
+        args.output_dir,
+        args.backend,
+        args.max_batch_size,
+        args.instances,
+        args.max_input_len,
+        args.max_seq_len,
+        args.max_images_per_request,
+        getattr(args, "name", None),
+    )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -53,8 +53,9 @@ def add_named_variant(build, out: Path, name: str) -> Path:
 
 def variant_names(repo: Path) -> list[str]:
     """Served names of the variants in a repository: "" for an unprefixed mgm_bls, else the prefix."""
-    return sorted(p.name.removesuffix(BLS).removesuffix("_") for p in Path(repo).iterdir()
-                  if p.is_dir() and p.name.endswith(BLS))
+    return sorted(
+        p.name.removesuffix(BLS).removesuffix("_") for p in Path(repo).iterdir() if p.is_dir() and p.name.endswith(BLS)
+    )
 
 
 def tolerant_server_args(repo: Path) -> tuple[str, ...]:
@@ -66,16 +67,28 @@ def tolerant_server_args(repo: Path) -> tuple[str, ...]:
 
 def start_openai_server(grpc_url: str, port: int, host: str, extra: list[str] | None = None) -> subprocess.Popen:
     """The OpenAI-compatible server as a child process (by module name: triton_models never imports client)."""
-    cmd = [sys.executable, "-m", "client.openai_api", "--triton_url", grpc_url, "--port", str(port),
-           "--host", host, *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "client.openai_api",
+        "--triton_url",
+        grpc_url,
+        "--port",
+        str(port),
+        "--host",
+        host,
+        *(extra or []),
+    ]
     return subprocess.Popen(cmd)
 
 
 def add_openai_arguments(parser) -> None:
-    parser.add_argument("--openai_port", type=int, default=None,
-                        help="also serve the OpenAI-compatible API (mgm-openai) on this port")
-    parser.add_argument("--openai_args", default="",
-                        help='more mgm-openai options, e.g. "--allowed_local_media_path /data/images"')
+    parser.add_argument(
+        "--openai_port", type=int, default=None, help="also serve the OpenAI-compatible API (mgm-openai) on this port"
+    )
+    parser.add_argument(
+        "--openai_args", default="", help='more mgm-openai options, e.g. "--allowed_local_media_path /data/images"'
+    )
 
 
 @contextlib.contextmanager

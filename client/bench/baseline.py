@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from client.bench.data import StreamStats, WorkItem, summarize
 from client.bench.report import BaselineResult
@@ -47,19 +47,19 @@ def run_baseline(model_dir: Path, items: Sequence[WorkItem], max_tokens: int, n_
     timer_cls = _token_timer()
     params = GenerationParams(max_new_tokens=max_tokens, temperature=0.0)
 
-    def one(item: WorkItem):
+    def one(model, item: WorkItem):
         timer = timer_cls()
         start = time.perf_counter()
         text = model.chat(item.prompt, [load_image(item.image)], params, streamer_factory=lambda tok: timer)
         end = time.perf_counter()
         return start, end, timer, text
 
-    one(items[0])  # warm-up, not timed
+    one(model, items[0])  # warm-up, not timed
     latencies, ttfts, itls, tokens, answers = [], [], [], [], {}
     wall = 0.0
     for k in range(n_requests):
         item = items[k % len(items)]
-        start, end, timer, text = one(item)
+        start, end, timer, text = one(model, item)
         wall += end - start
         latencies.append((end - start) * 1000)
         tokens.append(timer.tokens)
@@ -68,12 +68,19 @@ def run_baseline(model_dir: Path, items: Sequence[WorkItem], max_tokens: int, n_
             if timer.tokens > 1:
                 itls.append(((end - start) * 1000 - ttfts[-1]) / (timer.tokens - 1))
         answers.setdefault(answer_key(*item.key), text)
-    del model
+    del model  # the model (GiBs at real sizes) goes before the served run starts
     gc.collect()
-    return BaselineResult(requests=n_requests, wall_s=wall, throughput=n_requests / wall,
-                          tokens_per_s=sum(tokens) / wall, latency_ms=summarize(latencies),
-                          ttft_ms=summarize(ttfts), itl_ms=summarize(itls),
-                          mean_output_tokens=sum(tokens) / n_requests, answers=answers)
+    return BaselineResult(
+        requests=n_requests,
+        wall_s=wall,
+        throughput=n_requests / wall,
+        tokens_per_s=sum(tokens) / wall,
+        latency_ms=summarize(latencies),
+        ttft_ms=summarize(ttfts),
+        itl_ms=summarize(itls),
+        mean_output_tokens=sum(tokens) / n_requests,
+        answers=answers,
+    )
 
 
 def parity(stats: StreamStats, baseline: BaselineResult) -> tuple[int, int]:

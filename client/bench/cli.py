@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from mgm_ref.errors import run_cli
 
@@ -40,10 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in OWN_PARSERS:
         return benchmark_main(argv[0])(argv[1:]) or 0
-    parser = argparse.ArgumentParser(prog="mgm-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mgm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = add_serve_arguments(sub.add_parser("serve", help="served throughput / latency / TTFT vs in-process mgm_ref"))
+    serve = add_serve_arguments(
+        sub.add_parser("serve", help="served throughput / latency / TTFT vs in-process mgm_ref")
+    )
     serve.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     for name, (_, help_text) in OWN_PARSERS.items():
         sub.add_parser(name, help=f"{help_text} (its own arguments: mgm-bench {name} --help)")

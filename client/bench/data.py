@@ -12,9 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def synthetic_image(width: int, height: int, fmt: str = "PNG", seed: int = 0) ->
 
 
 def parse_image_sizes(text: str) -> tuple[tuple[int, int, str], ...]:
-    """"320x240:png,640x480:jpeg" -> ((320, 240, "PNG"), (640, 480, "JPEG")); the format defaults to JPEG."""
+    """ "320x240:png,640x480:jpeg" -> ((320, 240, "PNG"), (640, 480, "JPEG")); the format defaults to JPEG."""
     sizes = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         dims, _, fmt = part.partition(":")
@@ -72,16 +72,17 @@ def parse_image_sizes(text: str) -> tuple[tuple[int, int, str], ...]:
     return tuple(sizes)
 
 
-def make_workload(sizes: Sequence[tuple[int, int, str]] = IMAGE_SIZES, prompts: Sequence[str] = PROMPTS,
-                  seed: int = 0) -> list[WorkItem]:
+def make_workload(
+    sizes: Sequence[tuple[int, int, str]] = IMAGE_SIZES, prompts: Sequence[str] = PROMPTS, seed: int = 0
+) -> list[WorkItem]:
     """Every prompt with every image, ordered so that consecutive requests change image size."""
-    images = [(synthetic_image(w, h, fmt, seed + k), f"{w}x{h}.{fmt.lower()}")
-              for k, (w, h, fmt) in enumerate(sizes)]
+    images = [(synthetic_image(w, h, fmt, seed + k), f"{w}x{h}.{fmt.lower()}") for k, (w, h, fmt) in enumerate(sizes)]
     return [WorkItem(p, blob, name) for p in prompts for blob, name in images]
 
 
-def perf_input_data(items: Sequence[WorkItem], max_tokens: int, stream: bool | None = None,
-                    temperature: float = 0.0) -> dict:
+def perf_input_data(
+    items: Sequence[WorkItem], max_tokens: int, stream: bool | None = None, temperature: float = 0.0
+) -> dict:
     """perf_analyzer --input-data: one step per item (sent in turn).
 
     UINT8 images go as {"b64": ..., "shape": [nbytes]} (shape without the batch dim); BYTES inputs
@@ -183,7 +184,7 @@ def request_timing(request: dict, count_tokens: Callable[[str], int] | None = No
     outputs = request.get("response_outputs") or [{} for _ in stamps]
     texts = [_text(o) for o in outputs]
     # The first response that carries text; an empty FINAL-only response is no token.
-    first = next((t for t, text in zip(stamps, texts) if text), None) if any(outputs) else stamps[0]
+    first = next((t for t, text in zip(stamps, texts, strict=False) if text), None) if any(outputs) else stamps[0]
     text = "".join(texts)
     counts = [o["output_token_count"] for o in outputs if "output_token_count" in o]
     if counts:
@@ -197,14 +198,19 @@ def request_timing(request: dict, count_tokens: Callable[[str], int] | None = No
     if "text_input" in inputs and "image_input" in inputs:
         prompt = inputs["text_input"]
         key = (prompt[0] if isinstance(prompt, list) else prompt, len(inputs["image_input"]))
-    return RequestTiming(latency_ms=(stamps[-1] - sent) / 1e6,
-                         ttft_ms=None if first is None else (first - sent) / 1e6,
-                         output_tokens=tokens, text=text, key=key,
-                         text_responses=sum(1 for t in texts if t) if any(outputs) else len(stamps))
+    return RequestTiming(
+        latency_ms=(stamps[-1] - sent) / 1e6,
+        ttft_ms=None if first is None else (first - sent) / 1e6,
+        output_tokens=tokens,
+        text=text,
+        key=key,
+        text_responses=sum(1 for t in texts if t) if any(outputs) else len(stamps),
+    )
 
 
-def stream_stats(export: dict | str | Path, concurrency: int | None = None,
-                 count_tokens: Callable[[str], int] | None = None) -> StreamStats:
+def stream_stats(
+    export: dict | str | Path, concurrency: int | None = None, count_tokens: Callable[[str], int] | None = None
+) -> StreamStats:
     """TTFT / ITL / tokens of every request of a perf_analyzer profile export (one experiment, or the
     one at `concurrency`). `count_tokens(text)` counts tokens for models that do not report them."""
     if not isinstance(export, dict):

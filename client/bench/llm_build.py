@@ -23,8 +23,18 @@ from pathlib import Path
 import torch
 
 
-def write_checkpoint(out: Path, family: str, hidden: int, layers: int, intermediate: int, heads: int,
-                     kv_heads: int, vocab: int, experts: int = 0, seed: int = 0) -> Path:
+def write_checkpoint(
+    out: Path,
+    family: str,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    experts: int = 0,
+    seed: int = 0,
+) -> Path:
     """An MGM checkpoint with tiny towers and an LLM of the given size (random bf16 weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -33,8 +43,14 @@ def write_checkpoint(out: Path, family: str, hidden: int, layers: int, intermedi
     from mgm_ref.vision import MGMVisionEncoder
 
     raw, tokenizer = tiny_config_dict(family)
-    raw.update(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
-               num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)
+    raw.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+    )
     if family == "gemma":
         raw["head_dim"] = hidden // heads
     if family == "mixtral":
@@ -52,8 +68,18 @@ def write_checkpoint(out: Path, family: str, hidden: int, layers: int, intermedi
 
 def run_once(model_dir: Path, out: Path, qformat: str, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "build_engines.llm", "--model_dir", str(model_dir), "--output_dir", str(out),
-           "--qformat", qformat, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "build_engines.llm",
+        "--model_dir",
+        str(model_dir),
+        "--output_dir",
+        str(out),
+        "--qformat",
+        qformat,
+        *extra,
+    ]
     timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
     start = time.perf_counter()
     proc = subprocess.run(timer + cmd, check=False, capture_output=True, text=True)
@@ -68,8 +94,9 @@ def run_once(model_dir: Path, out: Path, qformat: str, extra: list[str]) -> dict
         result["timings_s"] = info["timings_s"]
         result["params"] = info["llm"]["params"]
         result["checkpoint_gib"] = round(sum(p.stat().st_size for p in (out / "checkpoint").glob("*")) / 2**30, 3)
-        result["calibration"] = {k: (info["quantization"]["calibration"] or {}).get(k)
-                                 for k in ("size", "mode", "tokens_total")}
+        result["calibration"] = {
+            k: (info["quantization"]["calibration"] or {}).get(k) for k in ("size", "mode", "tokens_total")
+        }
     else:
         errors = [line for line in proc.stderr.splitlines() if line.startswith(("error:", "Traceback"))]
         result["error"] = errors[0] if errors else (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -100,11 +127,28 @@ def main(argv=None) -> int:
     else:
         model_dir = out / "model"
         start = time.perf_counter()
-        write_checkpoint(model_dir, args.family, args.hidden, args.layers, args.intermediate, args.heads,
-                         args.kv_heads, args.vocab, args.experts)
+        write_checkpoint(
+            model_dir,
+            args.family,
+            args.hidden,
+            args.layers,
+            args.intermediate,
+            args.heads,
+            args.kv_heads,
+            args.vocab,
+            args.experts,
+        )
         print(json.dumps({"wrote": str(model_dir), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-    extra = ["--calib_size", str(args.calib_size), "--calib_max_len", str(args.calib_max_len),
-             "--calib_images", args.calib_images, "--dtype", args.dtype]
+    extra = [
+        "--calib_size",
+        str(args.calib_size),
+        "--calib_max_len",
+        str(args.calib_max_len),
+        "--calib_images",
+        args.calib_images,
+        "--dtype",
+        args.dtype,
+    ]
     for qformat in args.qformats.split(","):
         print(json.dumps(run_once(model_dir, out / f"build-{qformat}", qformat, extra)), flush=True)
     return 0

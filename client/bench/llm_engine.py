@@ -22,10 +22,22 @@ from triton_models.lib import attention
 from triton_models.lib.engine import GenerationRequest, LLMEngine
 
 SIZES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -36,8 +48,11 @@ def make_requests(cfg, n, text_len, new_tokens, dtype, seed=0):
         text = torch.randint(3, cfg.vocab_size, (text_len,), generator=g).tolist()
         table = (torch.randn(576, cfg.hidden_size, generator=g) * 0.02).to(dtype)
         ids = text[:5] + fake_ids(cfg.vocab_size, 576) + text[5:]
-        reqs.append(GenerationRequest(input_ids=ids, prompt_table=table, max_new_tokens=new_tokens,
-                                      stop_ids=[], request_id=str(k)))
+        reqs.append(
+            GenerationRequest(
+                input_ids=ids, prompt_table=table, max_new_tokens=new_tokens, stop_ids=[], request_id=str(k)
+            )
+        )
     return reqs
 
 
@@ -50,9 +65,15 @@ def embeds_of(llm, req):
 def hf_sequential(llm, reqs):
     outs, start = [], time.perf_counter()
     for r in reqs:
-        out = llm.generate(inputs_embeds=embeds_of(llm, r), max_new_tokens=r.max_new_tokens,
-                           min_new_tokens=r.max_new_tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0, use_cache=True)
+        out = llm.generate(
+            inputs_embeds=embeds_of(llm, r),
+            max_new_tokens=r.max_new_tokens,
+            min_new_tokens=r.max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+        )
         outs.append(out[0].tolist())
     sync()
     return outs, time.perf_counter() - start
@@ -92,18 +113,25 @@ def main(argv=None) -> int:
     with torch.device(args.device):
         llm = LlamaForCausalLM(cfg).to(dtype).eval()
     reqs = make_requests(cfg, args.requests, args.text_len, args.new_tokens, dtype)
-    print(f"LLM {args.size} on {args.device} ({dtype}), {args.requests} requests x "
-          f"({args.text_len} text + 576 image) tokens -> {args.new_tokens} new tokens each", flush=True)
+    print(
+        f"LLM {args.size} on {args.device} ({dtype}), {args.requests} requests x "
+        f"({args.text_len} text + 576 image) tokens -> {args.new_tokens} new tokens each",
+        flush=True,
+    )
     hf_sequential(llm, reqs[:1])  # warm-up
     hf_out, hf_s = hf_sequential(llm, reqs)
     eng_out, eng_s, ttft, stats = engine_concurrent(llm, reqs, args.requests)
     total = args.requests * args.new_tokens
-    same = sum(a == b for a, b in zip(hf_out, eng_out))
-    print(f"| path | wall s | output tok/s | ratio |\n|---|---|---|---|\n"
-          f"| HF generate, one at a time | {hf_s:.2f} | {total / hf_s:.0f} | 1.00 |\n"
-          f"| engine, {args.requests} concurrent (in-flight) | {eng_s:.2f} | {total / eng_s:.0f} | {hf_s / eng_s:.2f} |")
-    print(f"engine TTFT mean {1000 * sum(ttft) / len(ttft):.0f} ms, max {1000 * max(ttft):.0f} ms; "
-          f"max batch {stats['max_batch_seen']}; greedy tokens identical to HF for {same}/{len(reqs)} requests")
+    same = sum(a == b for a, b in zip(hf_out, eng_out, strict=True))
+    print(
+        f"| path | wall s | output tok/s | ratio |\n|---|---|---|---|\n"
+        f"| HF generate, one at a time | {hf_s:.2f} | {total / hf_s:.0f} | 1.00 |\n"
+        f"| engine, {args.requests} concurrent (in-flight) | {eng_s:.2f} | {total / eng_s:.0f} | {hf_s / eng_s:.2f} |"
+    )
+    print(
+        f"engine TTFT mean {1000 * sum(ttft) / len(ttft):.0f} ms, max {1000 * max(ttft):.0f} ms; "
+        f"max batch {stats['max_batch_seen']}; greedy tokens identical to HF for {same}/{len(reqs)} requests"
+    )
     return 0
 
 

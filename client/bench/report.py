@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 SCALING_TARGET = 2.0  # issue 5: throughput at concurrency 4 >= 2x concurrency 1
 
@@ -56,13 +56,12 @@ class BenchResult:
         if c1 and c4 and c1.throughput > 0:
             out["scaling_c4_over_c1"] = c4.throughput / c1.throughput
         if self.baseline and self.baseline.throughput > 0:
-            out["served_over_in_process"] = {r.concurrency: r.throughput / self.baseline.throughput
-                                             for r in self.rows}
+            out["served_over_in_process"] = {r.concurrency: r.throughput / self.baseline.throughput for r in self.rows}
             if c1:
                 out["one_request_latency_served_over_in_process"] = _div(
-                    c1.latency_ms["p50"], self.baseline.latency_ms["p50"])
-                out["one_request_ttft_served_over_in_process"] = _div(
-                    c1.ttft_ms["p50"], self.baseline.ttft_ms["p50"])
+                    c1.latency_ms["p50"], self.baseline.latency_ms["p50"]
+                )
+                out["one_request_ttft_served_over_in_process"] = _div(c1.ttft_ms["p50"], self.baseline.ttft_ms["p50"])
         return out
 
     def to_json(self) -> dict:
@@ -94,14 +93,16 @@ def table(result: BenchResult) -> str:
             f"| {r.concurrency}{'' if r.stable else ' (unstable)'} | {_f(r.throughput, 2)} | {_f(r.tokens_per_s)} "
             f"| {_f(r.latency_ms['p50'])} / {_f(r.latency_ms['p90'])} / {_f(r.latency_ms['p99'])} "
             f"| {_f(r.ttft_ms['p50'])} / {_f(r.ttft_ms['p90'])} | {_f(r.itl_ms['mean'], 2)} "
-            f"| {_f(r.mean_output_tokens)} | {r.requests} | {_f(ratios.get(r.concurrency), 2)} |")
+            f"| {_f(r.mean_output_tokens)} | {r.requests} | {_f(ratios.get(r.concurrency), 2)} |"
+        )
     b = result.baseline
     if b:
         lines.append(
             f"| in-process, 1 at a time | {_f(b.throughput, 2)} | {_f(b.tokens_per_s)} "
             f"| {_f(b.latency_ms['p50'])} / {_f(b.latency_ms['p90'])} / {_f(b.latency_ms['p99'])} "
             f"| {_f(b.ttft_ms['p50'])} / {_f(b.ttft_ms['p90'])} | {_f(b.itl_ms['mean'], 2)} "
-            f"| {_f(b.mean_output_tokens)} | {b.requests} | 1.00 |")
+            f"| {_f(b.mean_output_tokens)} | {b.requests} | 1.00 |"
+        )
     return "\n".join(lines)
 
 
@@ -119,8 +120,11 @@ def server_table(result: BenchResult) -> str:
         cells = []
         for n in names:
             m = r.server.get(n)
-            cells.append("-" if not m else f"{_f(m['avg_batch'], 2)} / {_f(m['compute_ms_per_execution'])} / "
-                                           f"{_f(m['queue_ms_per_request'])}")
+            cells.append(
+                "-"
+                if not m
+                else f"{_f(m['avg_batch'], 2)} / {_f(m['compute_ms_per_execution'])} / {_f(m['queue_ms_per_request'])}"
+            )
         lines.append(f"| {r.concurrency} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -131,22 +135,30 @@ def findings(result: BenchResult) -> list[str]:
     if "scaling_c4_over_c1" in ratios:
         s = ratios["scaling_c4_over_c1"]
         verdict = "met" if s >= SCALING_TARGET else "NOT met"
-        out.append(f"Served throughput, concurrency 4 vs 1: {c4.throughput:.2f} vs {c1.throughput:.2f} req/s = "
-                   f"**{s:.2f}x** (target >= {SCALING_TARGET:.0f}x from in-flight batching: {verdict}).")
+        out.append(
+            f"Served throughput, concurrency 4 vs 1: {c4.throughput:.2f} vs {c1.throughput:.2f} req/s = "
+            f"**{s:.2f}x** (target >= {SCALING_TARGET:.0f}x from in-flight batching: {verdict})."
+        )
     else:
         out.append("Concurrency 4 vs 1: not measured (run with --concurrency including 1 and 4).")
     b = result.baseline
     if b and c1:
         lat = ratios.get("one_request_latency_served_over_in_process")
-        out.append(f"One request (concurrency 1, p50): served {_f(c1.latency_ms['p50'])} ms vs in-process "
-                   f"{_f(b.latency_ms['p50'])} ms: served / in-process = **{_f(lat, 2)}**"
-                   + (f" ({1 / lat:.1f}x faster served)." if lat and lat < 1 else "."))
+        out.append(
+            f"One request (concurrency 1, p50): served {_f(c1.latency_ms['p50'])} ms vs in-process "
+            f"{_f(b.latency_ms['p50'])} ms: served / in-process = **{_f(lat, 2)}**"
+            + (f" ({1 / lat:.1f}x faster served)." if lat and lat < 1 else ".")
+        )
         ttft = ratios.get("one_request_ttft_served_over_in_process")
-        out.append(f"Time to first token (concurrency 1, p50): served {_f(c1.ttft_ms['p50'])} ms vs in-process "
-                   f"{_f(b.ttft_ms['p50'])} ms (served / in-process = {_f(ttft, 2)}).")
+        out.append(
+            f"Time to first token (concurrency 1, p50): served {_f(c1.ttft_ms['p50'])} ms vs in-process "
+            f"{_f(b.ttft_ms['p50'])} ms (served / in-process = {_f(ttft, 2)})."
+        )
         best = max(result.rows, key=lambda r: r.throughput)
-        out.append(f"Best served throughput: {best.throughput:.2f} req/s at concurrency {best.concurrency} = "
-                   f"{best.throughput / b.throughput:.2f}x the in-process {b.throughput:.2f} req/s.")
+        out.append(
+            f"Best served throughput: {best.throughput:.2f} req/s at concurrency {best.concurrency} = "
+            f"{best.throughput / b.throughput:.2f}x the in-process {b.throughput:.2f} req/s."
+        )
     elif not b:
         out.append("No in-process baseline in this run (it needs --model_dir or --start_server).")
     if result.parity:
@@ -178,11 +190,20 @@ def write_report(result: BenchResult, out_dir: Path, plots: Sequence[Path]) -> P
         "mean output tokens. The in-process row runs the same workload through mgm_ref in this process "
         "(`MGM.chat`: image decode, vision, HF generate), one request after the other.",
         "",
-        *(["## Server side (Triton statistics per model: average batch / compute ms per execution / queue ms "
-            "per request)", "",
-            server_table(result), "",
-            "The decoupled python models (tensorrt_llm, mgm_bls) return from execute() before their answers "
-            "finish, so their compute time is not the generation time.", ""] if server_table(result) else []),
+        *(
+            [
+                "## Server side (Triton statistics per model: average batch / compute ms per execution / queue ms "
+                "per request)",
+                "",
+                server_table(result),
+                "",
+                "The decoupled python models (tensorrt_llm, mgm_bls) return from execute() before their answers "
+                "finish, so their compute time is not the generation time.",
+                "",
+            ]
+            if server_table(result)
+            else []
+        ),
         "## Findings",
         "",
         *[f"- {line}" for line in findings(result)],

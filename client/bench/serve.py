@@ -21,8 +21,8 @@ import argparse
 import os
 import platform
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from client.bench.baseline import parity, run_baseline
 from client.bench.common import DEFAULT_WORK, BenchError, log
@@ -56,8 +56,10 @@ def warm_up(url: str, model: str, items: Sequence[WorkItem]) -> None:
 
 def host_description() -> str:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (load average {load} "
-            f"at start), Python {platform.python_version()}")
+    return (
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores (load average {load} "
+        f"at start), Python {platform.python_version()}"
+    )
 
 
 def run_serve(args, argv: Sequence[str]) -> int:
@@ -69,17 +71,24 @@ def run_serve(args, argv: Sequence[str]) -> int:
     input_data = write_input_data(raw / "input_data.json", items, args.max_tokens, stream)
     model_dir = Path(args.model_dir) if args.model_dir else None
     settings = {
-        "command": "mgm-bench " + shlex.join(argv), "model": args.model, "stream": stream,
+        "command": "mgm-bench " + shlex.join(argv),
+        "model": args.model,
+        "stream": stream,
         "max_tokens": args.max_tokens,
         "workload": f"{len(items)} requests in turn: {len(args.prompts)} prompts x images "
-                    f"{', '.join(sorted({i.image_name for i in items}, key=lambda n: int(n.split('x')[0])))}",
-        "measurement": (f"{args.request_count} requests per concurrency (throughput = requests / their span)"
-                        if args.request_count else
-                        f"time windows of {args.measurement_interval_ms} ms, stability "
-                        f"{args.stability_percentage:g}%, up to {args.max_trials} windows"),
+        f"{', '.join(sorted({i.image_name for i in items}, key=lambda n: int(n.split('x')[0])))}",
+        "measurement": (
+            f"{args.request_count} requests per concurrency (throughput = requests / their span)"
+            if args.request_count
+            else f"time windows of {args.measurement_interval_ms} ms, stability "
+            f"{args.stability_percentage:g}%, up to {args.max_trials} windows"
+        ),
         "host": host_description(),
-        "tokens": ("output_token_count reported by mgm_bls" if args.model == "mgm_bls" else
-                   "the answers re-tokenized with the checkpoint's tokenizer (needs --model_dir)"),
+        "tokens": (
+            "output_token_count reported by mgm_bls"
+            if args.model == "mgm_bls"
+            else "the answers re-tokenized with the checkpoint's tokenizer (needs --model_dir)"
+        ),
     }
 
     server = None
@@ -114,8 +123,10 @@ def run_serve(args, argv: Sequence[str]) -> int:
                 continue
             first_stats = first_stats or stats
             rows.append(row)
-            log(f"  {row.throughput:.2f} req/s, p50 {row.latency_ms['p50']:.0f} ms, "
-                f"TTFT p50 {row.ttft_ms['p50'] or float('nan'):.0f} ms, {row.requests} requests")
+            log(
+                f"  {row.throughput:.2f} req/s, p50 {row.latency_ms['p50']:.0f} ms, "
+                f"TTFT p50 {row.ttft_ms['p50'] or float('nan'):.0f} ms, {row.requests} requests"
+            )
         if not rows:
             raise BenchError("no concurrency level could be measured")
     finally:
@@ -128,8 +139,7 @@ def run_serve(args, argv: Sequence[str]) -> int:
         log(f"in-process baseline: mgm_ref on {model_dir}, {n} requests one at a time")
         baseline = run_baseline(model_dir, items, args.max_tokens, n)
 
-    result = BenchResult(settings, rows, baseline,
-                         parity(first_stats, baseline) if baseline and first_stats else None)
+    result = BenchResult(settings, rows, baseline, parity(first_stats, baseline) if baseline and first_stats else None)
     plots = plot(result, out)
     report = write_report(result, out, plots)
     print()
@@ -144,26 +154,48 @@ def run_serve(args, argv: Sequence[str]) -> int:
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC host:port")
     p.add_argument("--model", choices=["mgm_bls", "ensemble"], default="mgm_bls")
-    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True,
-                   help="mgm_bls streams token by token (stream=true); perf_analyzer always uses gRPC streaming")
+    p.add_argument(
+        "--streaming",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mgm_bls streams token by token (stream=true); perf_analyzer always uses gRPC streaming",
+    )
     p.add_argument("--concurrency", type=parse_concurrency, default=[1, 2, 4], help="e.g. 1,2,4,8")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--measurement_interval_ms", type=int, default=4000, help="perf_analyzer time window")
     p.add_argument("--stability_percentage", type=float, default=25)
     p.add_argument("--max_trials", type=int, default=8, help="perf_analyzer windows before giving up on stability")
-    p.add_argument("--request_count", type=int, default=0,
-                   help="send exactly this many requests per concurrency instead of time windows (quick runs)")
-    p.add_argument("--image_sizes", type=parse_image_sizes, default=IMAGE_SIZES,
-                   help="e.g. 320x240:png,640x480:jpeg,1024x768:jpeg (the default)")
+    p.add_argument(
+        "--request_count",
+        type=int,
+        default=0,
+        help="send exactly this many requests per concurrency instead of time windows (quick runs)",
+    )
+    p.add_argument(
+        "--image_sizes",
+        type=parse_image_sizes,
+        default=IMAGE_SIZES,
+        help="e.g. 320x240:png,640x480:jpeg,1024x768:jpeg (the default)",
+    )
     p.add_argument("--prompts", nargs="+", default=list(PROMPTS))
     p.add_argument("--output_dir", default=str(DEFAULT_WORK / "report"))
-    p.add_argument("--model_dir", default=None,
-                   help="MGM checkpoint for the in-process baseline (and for --start_server; default there: "
-                        "the built-in tiny llama checkpoint)")
-    p.add_argument("--baseline_requests", type=int, default=-1,
-                   help="in-process requests (-1: each workload item once; 0: no baseline)")
-    p.add_argument("--start_server", action="store_true",
-                   help="build the CPU model repository for --model_dir and serve it on free loopback ports")
+    p.add_argument(
+        "--model_dir",
+        default=None,
+        help="MGM checkpoint for the in-process baseline (and for --start_server; default there: "
+        "the built-in tiny llama checkpoint)",
+    )
+    p.add_argument(
+        "--baseline_requests",
+        type=int,
+        default=-1,
+        help="in-process requests (-1: each workload item once; 0: no baseline)",
+    )
+    p.add_argument(
+        "--start_server",
+        action="store_true",
+        help="build the CPU model repository for --model_dir and serve it on free loopback ports",
+    )
     p.add_argument("--work_dir", default=str(DEFAULT_WORK), help="where --start_server builds (reused)")
     p.add_argument("--max_batch_size", type=int, default=8, help="for --start_server's model repository")
     p.add_argument("--keep_exports", action="store_true", help="keep perf_analyzer's profile exports (large)")

@@ -18,10 +18,12 @@ def server_stats(url: str) -> dict[str, dict[str, int]]:
     out = {}
     for m in stats.get("model_stats", []):
         inf = m.get("inference_stats", {})
-        out[m["name"]] = {"inferences": int(m.get("inference_count") or 0),
-                          "executions": int(m.get("execution_count") or 0),
-                          "queue_ns": int(inf.get("queue", {}).get("ns") or 0),
-                          "compute_ns": int(inf.get("compute_infer", {}).get("ns") or 0)}
+        out[m["name"]] = {
+            "inferences": int(m.get("inference_count") or 0),
+            "executions": int(m.get("execution_count") or 0),
+            "queue_ns": int(inf.get("queue", {}).get("ns") or 0),
+            "compute_ns": int(inf.get("compute_infer", {}).get("ns") or 0),
+        }
     return out
 
 
@@ -33,7 +35,10 @@ def stats_delta(before: dict, after: dict) -> dict[str, dict[str, float]]:
         n, e = (a[k] - b.get(k, 0) for k in ("inferences", "executions"))
         if n <= 0:
             continue
-        out[name] = {"requests": n, "avg_batch": n / e if e else None,
-                     "compute_ms_per_execution": (a["compute_ns"] - b.get("compute_ns", 0)) / e / 1e6 if e else None,
-                     "queue_ms_per_request": (a["queue_ns"] - b.get("queue_ns", 0)) / n / 1e6}
+        out[name] = {
+            "requests": n,
+            "avg_batch": n / e if e else None,
+            "compute_ms_per_execution": (a["compute_ns"] - b.get("compute_ns", 0)) / e / 1e6 if e else None,
+            "queue_ms_per_request": (a["queue_ns"] - b.get("queue_ns", 0)) / n / 1e6,
+        }
     return out

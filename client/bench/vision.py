@@ -1,4 +1,6 @@
 """Vision path benchmark: PyTorch eager (mgm_ref) vs the built artifact, same inputs, same run.
+One file: each backend runs in a child process of this module (clean peak-RSS numbers), so the
+workers, the FLOP/peak measurements and the report share its helpers.
 
     mgm-bench vision [--hd] [--batch_sizes 1 4] [--iters 3] [--device auto|cpu|cuda] [--profile 15]
 
@@ -47,18 +49,31 @@ def real_config(hd: bool = False, hidden_size: int = 4096, tiny: bool = False):
     from mgm_ref.config import MGMConfig
 
     raw = {
-        "architectures": ["MGMLlamaForCausalLM"], "model_type": "mgm",
-        "hidden_size": hidden_size, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "vocab_size": 32000,
-        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_projector_type": "mlp2x_gelu",
-        "image_size_aux": 1536 if hd else 768, "image_grid": 2 if hd else 1, "image_global": hd,
-        "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "architectures": ["MGMLlamaForCausalLM"],
+        "model_type": "mgm",
+        "hidden_size": hidden_size,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "image_size_aux": 1536 if hd else 768,
+        "image_grid": 2 if hd else 1,
+        "image_global": hd,
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
     }
     if tiny:
         from mgm_ref.tiny import CLIP_TINY, CONVNEXT_TINY
 
-        raw.update(mm_vision_tower_config=CLIP_TINY, mm_vision_tower_aux_config=CONVNEXT_TINY,
-                   mm_hidden_size=CLIP_TINY["hidden_size"], mm_hidden_size_aux=sum(CONVNEXT_TINY["dims"]))
+        raw.update(
+            mm_vision_tower_config=CLIP_TINY,
+            mm_vision_tower_aux_config=CONVNEXT_TINY,
+            mm_hidden_size=CLIP_TINY["hidden_size"],
+            mm_hidden_size_aux=sum(CONVNEXT_TINY["dims"]),
+        )
     return MGMConfig.from_dict(raw, source="bench")
 
 
@@ -96,13 +111,19 @@ def measure_matmul_peak(threads: int, n: int = 4096, repeats: int = 5) -> float:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                   .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
+    )
     feeds = {"a": np.ascontiguousarray(a.numpy()), "b": np.ascontiguousarray(b.numpy())}
     best = float("inf")
     for run in (lambda: a @ b, lambda: session.run(None, feeds)):
@@ -171,9 +192,12 @@ def ort_node_profile(onnx_path: Path, feeds: dict, threads: int, top: int = 15) 
             by_op[op] += e["dur"] / 1e6
             count[op] += 1
             by_node[(e["name"].removesuffix("_kernel_time"), op)] += e["dur"] / 1e6
-    return {"wall_s": wall, "node_s": sum(by_op.values()),
-            "ops": [(op, count[op], sec) for op, sec in by_op.most_common(top)],
-            "nodes": [(name, op, sec) for (name, op), sec in by_node.most_common(top)]}
+    return {
+        "wall_s": wall,
+        "node_s": sum(by_op.values()),
+        "ops": [(op, count[op], sec) for op, sec in by_op.most_common(top)],
+        "nodes": [(name, op, sec) for (name, op), sec in by_node.most_common(top)],
+    }
 
 
 def load_warning(threads: int) -> str:
@@ -208,8 +232,12 @@ def _run_backend(kind: str, opts: dict) -> dict:
     if kind == "onnxruntime-profile":
         images, images_aux = inputs_for(cfg, 1)
         onnx_path = Path(opts["artifact"]) / "model.onnx"
-        return {"kind": kind, **ort_node_profile(onnx_path, {"images": images.numpy(), "images_aux": images_aux.numpy()},
-                                                 threads, opts["profile"])}
+        return {
+            "kind": kind,
+            **ort_node_profile(
+                onnx_path, {"images": images.numpy(), "images_aux": images_aux.numpy()}, threads, opts["profile"]
+            ),
+        }
     device = "cuda" if kind.endswith("cuda") or kind == "tensorrt" else "cpu"
     t0 = time.perf_counter()
     if kind.startswith("eager"):
@@ -227,6 +255,7 @@ def _run_backend(kind: str, opts: dict) -> dict:
 
         def run(images, images_aux):
             return runner(images=images, images_aux=images_aux)["image_features"]
+
     load_s = time.perf_counter() - t0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -250,11 +279,19 @@ def _run_backend(kind: str, opts: dict) -> dict:
         out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
         path = Path(opts["work_dir"]) / f"out-{kind}-b{batch}.npy"
         np.save(path, out)
-        results["batches"][batch] = {"median_s": statistics.median(times), "min_s": min(times), "times": times,
-                                     "cpu_median_s": statistics.median(cpu_times), "output": str(path)}
-        print(f"  {kind:>14} batch {batch}: median {statistics.median(times) * 1000:9.1f} ms wall, "
-              f"{statistics.median(cpu_times) * 1000:9.1f} ms CPU time ({len(times)} runs; "
-              f"load average {os.getloadavg()[0]:.1f})", flush=True)
+        results["batches"][batch] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "times": times,
+            "cpu_median_s": statistics.median(cpu_times),
+            "output": str(path),
+        }
+        print(
+            f"  {kind:>14} batch {batch}: median {statistics.median(times) * 1000:9.1f} ms wall, "
+            f"{statistics.median(cpu_times) * 1000:9.1f} ms CPU time ({len(times)} runs; "
+            f"load average {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
     results["peak_rss_mb"] = _peak_rss_mb()
     if device == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -287,14 +324,28 @@ def build_artifact(cfg, out_dir: Path, backend: str, dtype: str, max_batch: int,
     config_path = out_dir / "config.json"
     if config_path.is_file():
         old = json.loads(config_path.read_text())
-        if (old.get("backend"), old.get("dtype"), old.get("max_batch_size"), old.get("hd"), old.get("exporter")) == \
-                (backend, dtype, max_batch, cfg.hd, exporter):
+        if (old.get("backend"), old.get("dtype"), old.get("max_batch_size"), old.get("hd"), old.get("exporter")) == (
+            backend,
+            dtype,
+            max_batch,
+            cfg.hd,
+            exporter,
+        ):
             print(f"reusing {out_dir} (built earlier with the same options)", flush=True)
             return out_dir
     t = time.perf_counter()
     # keep_onnx: the FLOPs are counted from the graph
-    build_vision(make_encoder(cfg), cfg, out_dir, dtype=dtype, max_batch_size=max_batch, backend=backend,
-                 exporter=exporter, keep_onnx=True, verify=False)
+    build_vision(
+        make_encoder(cfg),
+        cfg,
+        out_dir,
+        dtype=dtype,
+        max_batch_size=max_batch,
+        backend=backend,
+        exporter=exporter,
+        keep_onnx=True,
+        verify=False,
+    )
     print(f"built the {backend} {dtype} artifact ({exporter} export) in {time.perf_counter() - t:.0f}s", flush=True)
     return out_dir
 
@@ -327,9 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both backends (default: all cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="how the artifact is exported")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="also print ONNX Runtime's per-node profile of the artifact at batch 1 (top N)")
+    p.add_argument(
+        "--exporter", choices=["dynamo", "torchscript"], default="dynamo", help="how the artifact is exported"
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print ONNX Runtime's per-node profile of the artifact at batch 1 (top N)",
+    )
     p.add_argument("--work_dir", default=None, help="where the artifact and outputs go (reused across runs)")
     p.add_argument("--timeout_s", type=float, default=3600, help="per backend")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -342,21 +400,40 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-vision-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = real_config(args.hd, tiny=args.tiny)
-    sizes = "tiny towers" if args.tiny else (
-        f"CLIP ViT-L/14-336 + ConvNeXt-L at {cfg.image_size_aux} + mining + projector to {cfg.hidden_size}")
-    print(f"MGM-7B{'-HD' if args.hd else ''} vision ({sizes}), random weights; device {device}, "
-          f"{threads} CPU threads; batches {args.batch_sizes}; {args.warmup} warm-up + {args.iters} timed runs",
-          flush=True)
+    sizes = (
+        "tiny towers"
+        if args.tiny
+        else (f"CLIP ViT-L/14-336 + ConvNeXt-L at {cfg.image_size_aux} + mining + projector to {cfg.hidden_size}")
+    )
+    print(
+        f"MGM-7B{'-HD' if args.hd else ''} vision ({sizes}), random weights; device {device}, "
+        f"{threads} CPU threads; batches {args.batch_sizes}; {args.warmup} warm-up + {args.iters} timed runs",
+        flush=True,
+    )
     print(load_warning(threads), flush=True)
 
     artifact = None
     if artifact_backend:
-        artifact = build_artifact(cfg, work / f"{artifact_backend}-{artifact_dtype}-{'hd' if args.hd else 'normal'}"
-                                  f"{'-tiny' if args.tiny else ''}-{args.exporter}", artifact_backend, artifact_dtype,
-                                  max(args.batch_sizes), args.exporter)
-    opts = {"threads": threads, "hd": args.hd, "tiny": args.tiny, "batch_sizes": args.batch_sizes,
-            "warmup": args.warmup, "iters": args.iters, "work_dir": str(work), "artifact": str(artifact),
-            "profile": args.profile}
+        artifact = build_artifact(
+            cfg,
+            work / f"{artifact_backend}-{artifact_dtype}-{'hd' if args.hd else 'normal'}"
+            f"{'-tiny' if args.tiny else ''}-{args.exporter}",
+            artifact_backend,
+            artifact_dtype,
+            max(args.batch_sizes),
+            args.exporter,
+        )
+    opts = {
+        "threads": threads,
+        "hd": args.hd,
+        "tiny": args.tiny,
+        "batch_sizes": args.batch_sizes,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "work_dir": str(work),
+        "artifact": str(artifact),
+        "profile": args.profile,
+    }
 
     results = {}
     extra = ["matmul-peak"] + (["onnxruntime-profile"] if args.profile and artifact_backend == "onnxruntime" else [])
@@ -371,8 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     mining = mining_gflop(cfg, work)
     views = cfg.views_per_image
     gflop = {}
-    onnx_path = Path(artifact) / ("model.onnx" if artifact_backend == "onnxruntime" else "onnx/model.onnx") \
-        if artifact else None
+    onnx_path = (
+        Path(artifact) / ("model.onnx" if artifact_backend == "onnxruntime" else "onnx/model.onnx")
+        if artifact
+        else None
+    )
     if onnx_path is not None and onnx_path.is_file():
         gflop["artifact"] = graph_gflop_per_image(onnx_path, cfg)
         gflop["eager"] = gflop["artifact"] + views * (mining["reference"] - mining["reassociated"])
@@ -388,16 +468,22 @@ def main(argv: list[str] | None = None) -> int:
     slow = "eager-fp16-cuda" if fast == "tensorrt" else base
     ok = all("error" not in r for r in results.values())
     print()
-    print(f"patch info mining per LR view: {mining['reference']:.1f} GFLOP in the reference order, "
-          f"{mining['reassociated']:.2f} re-associated ({mining['reference'] / mining['reassociated']:.0f}x fewer); "
-          f"{views} view(s) per image")
+    print(
+        f"patch info mining per LR view: {mining['reference']:.1f} GFLOP in the reference order, "
+        f"{mining['reassociated']:.2f} re-associated ({mining['reference'] / mining['reassociated']:.0f}x fewer); "
+        f"{views} view(s) per image"
+    )
     if peak:
-        print(f"float32 matmul peak (one 4096^3 GEMM, best of PyTorch and ONNX Runtime, {threads} threads): "
-              f"{peak:.0f} GFLOP/s")
+        print(
+            f"float32 matmul peak (one 4096^3 GEMM, best of PyTorch and ONNX Runtime, {threads} threads): "
+            f"{peak:.0f} GFLOP/s"
+        )
     print()
-    print(f"| backend | batch | median latency (ms) | per image (ms) | speed-up vs {slow} | CPU time (ms) | "
-          f"CPU-time ratio | GFLOP / image | GFLOP/s | % of matmul peak | latency / FLOP floor | "
-          f"rel L2 vs {base} | peak memory |")
+    print(
+        f"| backend | batch | median latency (ms) | per image (ms) | speed-up vs {slow} | CPU time (ms) | "
+        f"CPU-time ratio | GFLOP / image | GFLOP/s | % of matmul peak | latency / FLOP floor | "
+        f"rel L2 vs {base} | peak memory |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for kind in kinds:
@@ -406,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {kind} | - | failed | | | | | | | | | | |")
             continue
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" + (
-            f", {r['peak_gpu_mb'] / 1024:.1f} GiB GPU" if "peak_gpu_mb" in r else "")
+            f", {r['peak_gpu_mb'] / 1024:.1f} GiB GPU" if "peak_gpu_mb" in r else ""
+        )
         g = gflop.get("eager" if kind.startswith("eager") else "artifact")
         for batch in args.batch_sizes:
             b = r["batches"][batch]
@@ -430,22 +517,30 @@ def main(argv: list[str] | None = None) -> int:
                     pct = f"{100 * g / per_image / peak:.0f}%"
                     floor = f"{per_image / (g / peak):.2f}x"
                     summary[(kind, batch)] = per_image / (g / peak)
-            print(f"| {kind} | {batch} | {b['median_s'] * 1000:.1f} | {per_image * 1000:.1f} | {ratio} | "
-                  f"{b['cpu_median_s'] * 1000:.0f} | {cpu_ratio} | {f'{g:.1f}' if g else ''} | {rate} | {pct} | "
-                  f"{floor} | {err} | {mem} |")
+            print(
+                f"| {kind} | {batch} | {b['median_s'] * 1000:.1f} | {per_image * 1000:.1f} | {ratio} | "
+                f"{b['cpu_median_s'] * 1000:.0f} | {cpu_ratio} | {f'{g:.1f}' if g else ''} | {rate} | {pct} | "
+                f"{floor} | {err} | {mem} |"
+            )
     print(f"\nload average at the start: see above; at the end: {end_load}")
     if device == "cpu" and ok:
         b1 = args.batch_sizes[0]
         r1 = results[base]["batches"][b1]["median_s"] / results[fast]["batches"][b1]["median_s"]
-        print(f"ONNX Runtime is {r1:.2f}x faster than eager PyTorch at batch {b1} "
-              f"({'meets' if r1 >= 3 else 'misses'} the 3x target; wall-clock ratio, CPU-time ratio in the table)")
+        print(
+            f"ONNX Runtime is {r1:.2f}x faster than eager PyTorch at batch {b1} "
+            f"({'meets' if r1 >= 3 else 'misses'} the 3x target; wall-clock ratio, CPU-time ratio in the table)"
+        )
         if (fast, b1) in summary:
             f1 = summary[(fast, b1)]
-            print(f"ONNX Runtime runs at {f1:.2f}x its FLOP floor at batch {b1} "
-                  f"({'meets' if f1 <= 2 else 'misses'} the 2x target)")
+            print(
+                f"ONNX Runtime runs at {f1:.2f}x its FLOP floor at batch {b1} "
+                f"({'meets' if f1 <= 2 else 'misses'} the 2x target)"
+            )
     prof = results.get("onnxruntime-profile")
     if prof and "error" not in prof:
-        print(f"\nONNX Runtime per-node profile, batch 1 ({prof['wall_s']:.2f} s wall, {prof['node_s']:.2f} s in nodes):")
+        print(
+            f"\nONNX Runtime per-node profile, batch 1 ({prof['wall_s']:.2f} s wall, {prof['node_s']:.2f} s in nodes):"
+        )
         print("| op type | nodes | seconds | share |\n|---|---|---|---|")
         for op, n, sec in prof["ops"]:
             print(f"| {op} | {n} | {sec:.3f} | {100 * sec / prof['node_s']:.1f}% |")
@@ -453,9 +548,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, op, sec in prof["nodes"]:
             print(f"| {name} | {op} | {sec:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "threads": threads, "hd": args.hd, "tiny": args.tiny,
-                                               "gflop_per_image": gflop, "mining_gflop_per_view": mining,
-                                               "matmul_peak_gflops": peak, "results": results}, indent=2, default=str))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "threads": threads,
+                    "hd": args.hd,
+                    "tiny": args.tiny,
+                    "gflop_per_image": gflop,
+                    "mining_gflop_per_view": mining,
+                    "matmul_peak_gflops": peak,
+                    "results": results,
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0 if ok else 1
 
 

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from client.openai_api import schema
 from client.openai_api.errors import APIError, bad_request, too_large
 from client.openai_api.mapping import MGMRequest, StopMatcher, to_mgm
-from client.openai_api.media import MiB, MediaPolicy
+from client.openai_api.media import MediaPolicy, MiB
 from client.openai_api.metrics import Metrics
 from client.openai_api.triton import TritonBackend, Variant
 
@@ -38,7 +38,7 @@ CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody receive
 @dataclass
 class Settings:
     triton_url: str
-    served_model_name: str = "mgm"     # the name of an unprefixed `mgm_bls`
+    served_model_name: str = "mgm"  # the name of an unprefixed `mgm_bls`
     max_body_bytes: int = 20 * MiB
     max_images: int = 8
     default_max_tokens: int = 256
@@ -69,8 +69,11 @@ class Generation:
 
     @property
     def usage(self) -> schema.Usage:
-        return schema.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                            total_tokens=self.prompt_tokens + self.completion_tokens)
+        return schema.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
 
 
 async def _deltas(backend: TritonBackend, variant: Variant, mgm: MGMRequest, gen: Generation):
@@ -168,15 +171,23 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         found = await backend.variants()
-        return {"object": "list", "data": [{"id": v.name, "object": "model", "created": 0, "owned_by": "mgm-deploy"}
-                                           for v in found.values() if v.ready]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": v.name, "object": "model", "created": 0, "owned_by": "mgm-deploy"}
+                for v in found.values()
+                if v.ready
+            ],
+        }
 
     @app.get("/health")
     async def health():
         found = await backend.variants(fresh=True)
         ok = bool(found) and all(v.ready for v in found.values())
-        body = {"status": "ok" if ok else "unavailable",
-                "models": {v.name: "ready" if v.ready else v.reason for v in found.values()}}
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "models": {v.name: "ready" if v.ready else v.reason for v in found.values()},
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -201,9 +212,11 @@ def create_app(settings: Settings) -> FastAPI:
                 except BaseException:
                     await deltas.aclose()
                     raise
-                return StreamingResponse(_stream(req.model, gen, first, deltas, include_usage, label),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return StreamingResponse(
+                    _stream(req.model, gen, first, deltas, include_usage, label),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             text = await _unless_disconnected(request, _collect(deltas))
         except APIError as e:
             metrics.error(label, e.status, e.code)
@@ -222,13 +235,17 @@ def create_app(settings: Settings) -> FastAPI:
         status = "200"
         try:
             # The role chunk and the first text leave in one write: one send less on the TTFT path.
-            head = _sse(schema.chunk(id_, model, created, {"role": "assistant", "content": ""},
-                                     include_usage=include_usage))
+            head = _sse(
+                schema.chunk(id_, model, created, {"role": "assistant", "content": ""}, include_usage=include_usage)
+            )
             text = first
             while True:
                 if text or head:
-                    yield head + (_sse(schema.chunk(id_, model, created, {"content": text},
-                                                    include_usage=include_usage)) if text else "")
+                    yield head + (
+                        _sse(schema.chunk(id_, model, created, {"content": text}, include_usage=include_usage))
+                        if text
+                        else ""
+                    )
                     head = ""
                 try:
                     text = await deltas.__anext__()
@@ -248,8 +265,9 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await deltas.aclose()
             if status == "200":
-                metrics.done(label, gen.prompt_tokens, gen.completion_tokens, gen.ttft_s,
-                             time.perf_counter() - gen.start)
+                metrics.done(
+                    label, gen.prompt_tokens, gen.completion_tokens, gen.ttft_s, time.perf_counter() - gen.start
+                )
             else:
                 metrics.requests.labels(label, status).inc()
         yield "data: [DONE]\n\n"
@@ -267,26 +285,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_image_mb", type=float, default=10.0, help="largest encoded image (413 above)")
     p.add_argument("--max_images", type=int, default=8, help="most images in one request")
     p.add_argument("--default_max_tokens", type=int, default=256, help="when the request sets no max_tokens")
-    p.add_argument("--allowed_media_domains", nargs="*", default=[],
-                   help="hosts that http(s) image URLs may point to (default: none; image URLs are refused)")
-    p.add_argument("--allowed_local_media_path", type=Path, default=None,
-                   help="folder that file:// image URLs may point into (default: file:// refused)")
+    p.add_argument(
+        "--allowed_media_domains",
+        nargs="*",
+        default=[],
+        help="hosts that http(s) image URLs may point to (default: none; image URLs are refused)",
+    )
+    p.add_argument(
+        "--allowed_local_media_path",
+        type=Path,
+        default=None,
+        help="folder that file:// image URLs may point into (default: file:// refused)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one answer may take")
     p.add_argument("--log_level", default="warning")
     return p
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    media = MediaPolicy(max_image_bytes=int(args.max_image_mb * MiB),
-                        allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),
-                        allowed_local_path=args.allowed_local_media_path)
-    return Settings(args.triton_url, args.served_model_name, int(args.max_body_mb * MiB), args.max_images,
-                    args.default_max_tokens, args.timeout, media)
+    media = MediaPolicy(
+        max_image_bytes=int(args.max_image_mb * MiB),
+        allowed_domains=tuple(d.lower() for d in args.allowed_media_domains),
+        allowed_local_path=args.allowed_local_media_path,
+    )
+    return Settings(
+        args.triton_url,
+        args.served_model_name,
+        int(args.max_body_mb * MiB),
+        args.max_images,
+        args.default_max_tokens,
+        args.timeout,
+        media,
+    )
 
 
 def main(argv=None) -> int:
     import uvicorn
+
     args = build_parser().parse_args(argv)
-    uvicorn.run(create_app(settings_from(args)), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=False)
+    uvicorn.run(
+        create_app(settings_from(args)), host=args.host, port=args.port, log_level=args.log_level, access_log=False
+    )
     return 0

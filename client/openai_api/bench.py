@@ -46,6 +46,7 @@ def _workload_image() -> bytes:
 
     import numpy as np
     from PIL import Image
+
     rng = np.random.RandomState(0)
     buf = io.BytesIO()
     Image.fromarray((rng.rand(320, 480, 3) * 255).astype("uint8")).save(buf, format="PNG")
@@ -54,12 +55,19 @@ def _workload_image() -> bytes:
 
 def request_body(model: str, max_tokens: int, image: bool = True) -> dict:
     import base64
+
     content = [{"type": "text", "text": QUESTION}]
     if image:
         url = "data:image/png;base64," + base64.b64encode(_workload_image()).decode()
         content.insert(0, {"type": "image_url", "image_url": {"url": url}})
-    return {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": content}]}
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": content}],
+    }
 
 
 def _sample(start: float, first: float | None, last: float | None, tokens: int) -> Sample:
@@ -105,16 +113,27 @@ def _p(values, q):
 
 
 def summarize(samples: list[Sample], wall_s: float) -> dict:
-    return {"requests": len(samples), "ttft_p50_ms": 1000 * _p([s.ttft_s for s in samples], 0.5),
-            "ttft_p90_ms": 1000 * _p([s.ttft_s for s in samples], 0.9),
-            "itl_p50_ms": 1000 * _p([s.itl_s for s in samples], 0.5),
-            "latency_p50_ms": 1000 * _p([s.latency_s for s in samples], 0.5),
-            "output_tok_s": sum(s.tokens for s in samples) / wall_s if wall_s else float("nan"),
-            "tokens_mean": statistics.fmean(s.tokens for s in samples)}
+    return {
+        "requests": len(samples),
+        "ttft_p50_ms": 1000 * _p([s.ttft_s for s in samples], 0.5),
+        "ttft_p90_ms": 1000 * _p([s.ttft_s for s in samples], 0.9),
+        "itl_p50_ms": 1000 * _p([s.itl_s for s in samples], 0.5),
+        "latency_p50_ms": 1000 * _p([s.latency_s for s in samples], 0.5),
+        "output_tok_s": sum(s.tokens for s in samples) / wall_s if wall_s else float("nan"),
+        "tokens_mean": statistics.fmean(s.tokens for s in samples),
+    }
 
 
-async def run(triton_url: str, openai_url: str, model: str, concurrency: list[int], requests: int,
-              max_tokens: int, warmup: int = 2, image: bool = True) -> dict:
+async def run(
+    triton_url: str,
+    openai_url: str,
+    model: str,
+    concurrency: list[int],
+    requests: int,
+    max_tokens: int,
+    warmup: int = 2,
+    image: bool = True,
+) -> dict:
     body = request_body(model, max_tokens, image)
     mgm = await to_mgm(ChatCompletionRequest.model_validate(body), MediaPolicy(), 8, max_tokens)
     tensors = mgm.tensors()
@@ -123,7 +142,10 @@ async def run(triton_url: str, openai_url: str, model: str, concurrency: list[in
     chat_url = f"{openai_url.rstrip('/')}/v1/chat/completions"
     results = {}
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
-        paths = {"grpc": lambda: one_grpc(backend, variant, tensors), "openai": lambda: one_openai(http, chat_url, body)}
+        paths = {
+            "grpc": lambda: one_grpc(backend, variant, tensors),
+            "openai": lambda: one_openai(http, chat_url, body),
+        }
         for path in paths.values():  # warm both paths (connections, first-request costs)
             for _ in range(warmup):
                 await path()
@@ -145,9 +167,13 @@ async def run(triton_url: str, openai_url: str, model: str, concurrency: list[in
 
 
 def table(results: dict, load: tuple[float, float, float]) -> str:
-    lines = [f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", "",
-             "| conc | path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | latency p50 ms | out tok/s | TTFT overhead p50 "
-             "(target) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        "",
+        "| conc | path | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | latency p50 ms | out tok/s | TTFT overhead p50 "
+        "(target) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c, r in results.items():
         for name in ("grpc", "openai"):
             s = r[name]
@@ -155,8 +181,10 @@ def table(results: dict, load: tuple[float, float, float]) -> str:
             if name == "openai":
                 ok = "ok" if r["ttft_overhead_ms"] <= r["ttft_overhead_target_ms"] else "MISSED"
                 extra = f"{r['ttft_overhead_ms']:+.1f} ms (<= {r['ttft_overhead_target_ms']:.1f}) {ok}"
-            lines.append(f"| {c} | {name} | {s['ttft_p50_ms']:.1f} | {s['ttft_p90_ms']:.1f} | {s['itl_p50_ms']:.1f} | "
-                         f"{s['latency_p50_ms']:.1f} | {s['output_tok_s']:.1f} | {extra} |")
+            lines.append(
+                f"| {c} | {name} | {s['ttft_p50_ms']:.1f} | {s['ttft_p90_ms']:.1f} | {s['itl_p50_ms']:.1f} | "
+                f"{s['latency_p50_ms']:.1f} | {s['output_tok_s']:.1f} | {extra} |"
+            )
     return "\n".join(lines)
 
 
@@ -168,15 +196,26 @@ def _start_servers(work: Path):
     from mgm_ref.tiny import write_tiny_checkpoint
     from triton_models.repo_builder import build_repo
     from triton_models.server import TritonServer, free_port
+
     ckpt = write_tiny_checkpoint(work / "ckpt", "llama", False, seed=0)
     ref = load_model(ckpt)
-    build_vision(ref.vision, ref.config, work / "engines" / "vision", dtype="float32", backend="onnxruntime",
-                 max_batch_size=4, verify=False, log=lambda m: None)
+    build_vision(
+        ref.vision,
+        ref.config,
+        work / "engines" / "vision",
+        dtype="float32",
+        backend="onnxruntime",
+        max_batch_size=4,
+        verify=False,
+        log=lambda m: None,
+    )
     server = TritonServer(build_repo(ckpt, work / "engines", work / "repo", backend="cpu")).start(timeout=600)
     import subprocess
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "client.openai_api", "--triton_url", server.grpc_url,
-                             "--port", str(port)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.openai_api", "--triton_url", server.grpc_url, "--port", str(port)]
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -188,16 +227,20 @@ def _start_servers(work: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mgm-bench openai", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mgm-bench openai", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--triton_url", default="127.0.0.1:8001", help="Triton gRPC host:port")
     p.add_argument("--openai_url", default="http://127.0.0.1:9000", help="the mgm-openai server")
     p.add_argument("--model", default="mgm", help="OpenAI model id (a variant's name)")
     p.add_argument("--concurrency", default="1,2,4")
     p.add_argument("--requests", type=int, default=24, help="requests per path and concurrency level")
     p.add_argument("--max_tokens", type=int, default=16)
-    p.add_argument("--no_image", action="store_true",
-                   help="text-only requests (short TTFT: the fixed cost of the extra layer shows most)")
+    p.add_argument(
+        "--no_image",
+        action="store_true",
+        help="text-only requests (short TTFT: the fixed cost of the extra layer shows most)",
+    )
     p.add_argument("--start_server", action="store_true", help="serve the tiny llama for this run")
     p.add_argument("--output_file", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -207,8 +250,17 @@ def main(argv=None) -> int:
         if args.start_server:
             server, proc, args.openai_url = _start_servers(Path(tempfile.mkdtemp(prefix="mgm-bench-openai-")))
             args.triton_url = server.grpc_url
-        results = asyncio.run(run(args.triton_url, args.openai_url, args.model, levels, args.requests,
-                                  args.max_tokens, image=not args.no_image))
+        results = asyncio.run(
+            run(
+                args.triton_url,
+                args.openai_url,
+                args.model,
+                levels,
+                args.requests,
+                args.max_tokens,
+                image=not args.no_image,
+            )
+        )
     finally:
         if proc is not None:
             proc.terminate()

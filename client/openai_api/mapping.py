@@ -46,8 +46,11 @@ def _text_of(message: Message, index: int, allow_images: bool) -> tuple[str, lis
         if part.type == "text":
             texts.append(part.text)
         elif not allow_images:
-            raise bad_request(f"{param}[{k}]: images are only accepted in the first user message "
-                              "(MGM sees the images of a conversation in its first turn)", f"{param}[{k}]")
+            raise bad_request(
+                f"{param}[{k}]: images are only accepted in the first user message "
+                "(MGM sees the images of a conversation in its first turn)",
+                f"{param}[{k}]",
+            )
         else:
             urls.append(part.image_url.url)
     return "\n".join(texts), urls
@@ -75,10 +78,9 @@ def _sampling(req: ChatCompletionRequest, default_max_tokens: int) -> dict:
         raise bad_request(f"top_p must be in (0, 1], got {req.top_p}", "top_p")
     if req.top_k is not None and req.top_k < 0:
         raise bad_request(f"top_k must be >= 0 (0: no limit), got {req.top_k}", "top_k")
-    if req.seed is not None and not 0 <= req.seed < 2 ** 64:
+    if req.seed is not None and not 0 <= req.seed < 2**64:
         raise bad_request(f"seed must be in [0, 2**64), got {req.seed}", "seed")
-    return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                seed=req.seed)
+    return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
 
 
 def _stops(stop) -> list[str]:
@@ -90,15 +92,17 @@ def _stops(stop) -> list[str]:
     return stops
 
 
-async def to_mgm(req: ChatCompletionRequest, media: MediaPolicy, max_images: int,
-                 default_max_tokens: int) -> MGMRequest:
+async def to_mgm(
+    req: ChatCompletionRequest, media: MediaPolicy, max_images: int, default_max_tokens: int
+) -> MGMRequest:
     sampling = _sampling(req, default_max_tokens)
     system_parts, turns = [], []
     for i, m in enumerate(req.messages):
         if m.role in ("system", "developer"):
             if turns:
-                raise bad_request(f"messages[{i}]: system messages must come before the conversation",
-                                  f"messages[{i}].role")
+                raise bad_request(
+                    f"messages[{i}]: system messages must come before the conversation", f"messages[{i}].role"
+                )
             system_parts.append(_text_of(m, i, allow_images=False)[0])
         else:
             turns.append((i, m))
@@ -107,16 +111,18 @@ async def to_mgm(req: ChatCompletionRequest, media: MediaPolicy, max_images: int
     for k, (i, m) in enumerate(turns):
         expected = "a user" if k % 2 == 0 else "an assistant"
         if m.role != expected.split()[1]:
-            raise bad_request(f"messages[{i}]: expected {expected} message (user and assistant turns "
-                              "alternate, starting with the user)", f"messages[{i}].role")
+            raise bad_request(
+                f"messages[{i}]: expected {expected} message (user and assistant turns "
+                "alternate, starting with the user)",
+                f"messages[{i}].role",
+            )
     texts, urls = [], []
     for k, (i, m) in enumerate(turns):
         text, found = _text_of(m, i, allow_images=(k == 0))
         texts.append(text)
         urls.extend((f"messages[{i}].content", u) for u in found)
     if len(urls) > max_images:
-        raise bad_request(f"{len(urls)} images given; this server takes at most {max_images} per request",
-                          "messages")
+        raise bad_request(f"{len(urls)} images given; this server takes at most {max_images} per request", "messages")
     images = [await load_image(url, media, param) for param, url in urls]
     history = [(texts[k], texts[k + 1]) for k in range(0, len(texts) - 1, 2)]
     spec = RequestSpec(prompt=texts[-1], images=images, history=history or None, **sampling)
@@ -137,7 +143,7 @@ class StopMatcher:
         self.buffer += text
         hits = [i for i in (self.buffer.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.buffer, self.stopped = self.buffer[:min(hits)], "", True
+            out, self.buffer, self.stopped = self.buffer[: min(hits)], "", True
             return out
         cut = max(0, len(self.buffer) - self.hold)
         out, self.buffer = self.buffer[:cut], self.buffer[cut:]

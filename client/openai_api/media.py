@@ -23,9 +23,9 @@ MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    max_image_bytes: int = 10 * MiB          # one encoded image
-    allowed_domains: tuple[str, ...] = ()    # http(s) hosts the server may fetch from
-    allowed_local_path: Path | None = None   # file:// only below this folder
+    max_image_bytes: int = 10 * MiB  # one encoded image
+    allowed_domains: tuple[str, ...] = ()  # http(s) hosts the server may fetch from
+    allowed_local_path: Path | None = None  # file:// only below this folder
     fetch_timeout_s: float = 10.0
 
 
@@ -63,8 +63,9 @@ def _from_data_url(url: str, policy: MediaPolicy, param: str) -> bytes:
         raise bad_request("malformed data URL: expected data:image/png;base64,<data>", param, "invalid_image_url")
     mime = (m["mime"] or "").lower()
     if mime not in MIME_TYPES:
-        raise bad_request(f"unsupported image type {mime or '(none)'!r}: send PNG, JPEG or WebP", param,
-                          "invalid_image_format")
+        raise bad_request(
+            f"unsupported image type {mime or '(none)'!r}: send PNG, JPEG or WebP", param, "invalid_image_format"
+        )
     data = m["data"]
     # The decoded size is known from the text's length: refuse before decoding anything.
     if len(data) * 3 // 4 > policy.max_image_bytes + 2:
@@ -80,8 +81,12 @@ async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
     if host not in policy.allowed_domains:
         raise bad_request(
             f"this server does not fetch image URLs ({host or url!r} is not in --allowed_media_domains): "
-            "send the image inline as a data:image/...;base64 URL", param, "image_url_not_allowed")
+            "send the image inline as a data:image/...;base64 URL",
+            param,
+            "image_url_not_allowed",
+        )
     import httpx
+
     blob = bytearray()
     try:
         async with httpx.AsyncClient(follow_redirects=False, timeout=policy.fetch_timeout_s) as client:
@@ -91,8 +96,9 @@ async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
                 async for part in resp.aiter_bytes():
                     blob += part
                     if len(blob) > policy.max_image_bytes:
-                        raise too_large(f"the image is over the server's limit of "
-                                        f"{policy.max_image_bytes / MiB:g} MiB", param)
+                        raise too_large(
+                            f"the image is over the server's limit of {policy.max_image_bytes / MiB:g} MiB", param
+                        )
     except httpx.HTTPError as e:
         raise bad_request(f"cannot fetch the image: {type(e).__name__}", param, "image_fetch_failed") from None
     return bytes(blob)
@@ -100,13 +106,17 @@ async def _fetch(url: str, policy: MediaPolicy, param: str) -> bytes:
 
 def _read_local(url: str, policy: MediaPolicy, param: str) -> bytes:
     if policy.allowed_local_path is None:
-        raise bad_request("file:// image URLs are refused: the server has no --allowed_local_media_path", param,
-                          "image_url_not_allowed")
+        raise bad_request(
+            "file:// image URLs are refused: the server has no --allowed_local_media_path",
+            param,
+            "image_url_not_allowed",
+        )
     root = policy.allowed_local_path.resolve()
     path = Path(unquote(urlsplit(url).path)).resolve()  # symlinks and .. resolved before the check
     if not path.is_relative_to(root):
-        raise bad_request(f"file:// images must lie under the allowed media path {root}", param,
-                          "image_url_not_allowed")
+        raise bad_request(
+            f"file:// images must lie under the allowed media path {root}", param, "image_url_not_allowed"
+        )
     if not path.is_file():
         raise bad_request(f"no such image file under {root}", param, "invalid_image_url")
     if path.stat().st_size > policy.max_image_bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,12 +29,12 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-Part = Union[TextPart, ImagePart]
+Part = TextPart | ImagePart
 
 
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Part], None] = None
+    content: str | list[Part] | None = None
     name: str | None = None
 
 
@@ -49,9 +49,9 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None          # extension (as vLLM)
+    top_k: int | None = None  # extension (as vLLM)
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -73,24 +73,53 @@ def new_id() -> str:
 
 
 def completion(id_: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict:
-    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage.model_dump()}
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage.model_dump(),
+    }
 
 
-def chunk(id_: str, model: str, created: int, delta: dict, finish_reason: str | None = None,
-          usage: Usage | None = None, include_usage: bool = False) -> dict:
-    out = {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def chunk(
+    id_: str,
+    model: str,
+    created: int,
+    delta: dict,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    include_usage: bool = False,
+) -> dict:
+    out = {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
     if include_usage:  # with include_usage every chunk has the key; only the last one a value
         out["usage"] = usage.model_dump() if usage else None
     return out
 
 
 def usage_chunk(id_: str, model: str, created: int, usage: Usage) -> dict:
-    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [], "usage": usage.model_dump()}
+    return {
+        "id": id_,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage.model_dump(),
+    }
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

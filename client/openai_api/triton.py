@@ -8,8 +8,8 @@ the models the BLS calls are all READY, so one variant failing to load leaves th
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -28,8 +28,8 @@ _NOT_SERVING = ("is not ready", "unknown model", "is not found", "unavailable")
 
 @dataclass(frozen=True)
 class Variant:
-    name: str         # the OpenAI model id
-    bls_model: str    # the Triton model it routes to
+    name: str  # the OpenAI model id
+    bls_model: str  # the Triton model it routes to
     ready: bool
     reason: str = ""
 
@@ -107,8 +107,11 @@ class TritonBackend:
             inputs.append(inp)
 
         async def requests():
-            yield {"model_name": variant.bls_model, "inputs": inputs,
-                   "parameters": {"triton_enable_empty_final_response": True}}
+            yield {
+                "model_name": variant.bls_model,
+                "inputs": inputs,
+                "parameters": {"triton_enable_empty_final_response": True},
+            }
 
         stream = self.client.stream_infer(requests(), stream_timeout=self.timeout_s)
         done = False
@@ -123,8 +126,12 @@ class TritonBackend:
                     prompt_tokens = int(_scalar(result, "prompt_token_count", prompt_tokens))
                     completion_tokens = int(_scalar(result, "output_token_count", completion_tokens))
                     piece = text.reshape(-1)[0]
-                    yield Event(piece.decode() if isinstance(piece, bytes) else str(piece), completion_tokens,
-                                prompt_tokens, final)
+                    yield Event(
+                        piece.decode() if isinstance(piece, bytes) else str(piece),
+                        completion_tokens,
+                        prompt_tokens,
+                        final,
+                    )
                 elif final:
                     yield Event("", completion_tokens, prompt_tokens, True)
                 if final:

@@ -51,11 +51,17 @@ class BadRequest(MGMError):
 class WebDemo:
     """What the handlers share: how to reach Triton, and the optional local SDXL folder."""
 
-    def __init__(self, triton_url: str = "localhost:8001", protocol: str = "grpc", model: str = "mgm_bls",
-                 sd_model: str | None = None, timeout_s: float = 600.0):
+    def __init__(
+        self,
+        triton_url: str = "localhost:8001",
+        protocol: str = "grpc",
+        model: str = "mgm_bls",
+        sd_model: str | None = None,
+        timeout_s: float = 600.0,
+    ):
         self.triton_url, self.protocol, self.model = triton_url, protocol, model
         self.sd_model, self.timeout_s = sd_model, timeout_s
-        self._gen_lock = threading.Lock()   # one SDXL render at a time
+        self._gen_lock = threading.Lock()  # one SDXL render at a time
 
     def client(self) -> MGMClient:
         return MGMClient(self.triton_url, protocol=self.protocol, model=self.model, timeout_s=self.timeout_s)
@@ -93,8 +99,10 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"images must be a list of at most {MAX_IMAGES} images")
     images = [check_image(_decode_image(raw), f"#{k + 1}") for k, raw in enumerate(raw_images)]
     history = req.get("history") or []
-    if not (isinstance(history, list) and all(
-            isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history)):
+    if not (
+        isinstance(history, list)
+        and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history)
+    ):
         raise BadRequest('history must be a list of ["user", "assistant"] pairs')
 
     def number(name, kind, default=None):
@@ -109,10 +117,17 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
     conv_mode = req.get("conv_mode") or None
     if conv_mode is not None and not isinstance(conv_mode, str):
         raise BadRequest("conv_mode must be a string")
-    return {"question": question, "images": images, "history": [tuple(t) for t in history],
-            "ocr": bool(req.get("ocr")), "gen": bool(req.get("gen")),
-            "max_tokens": number("max_tokens", int, 512), "temperature": number("temperature", float),
-            "top_p": number("top_p", float), "conv_mode": conv_mode}
+    return {
+        "question": question,
+        "images": images,
+        "history": [tuple(t) for t in history],
+        "ocr": bool(req.get("ocr")),
+        "gen": bool(req.get("gen")),
+        "max_tokens": number("max_tokens", int, 512),
+        "temperature": number("temperature", float),
+        "top_p": number("top_p", float),
+        "conv_mode": conv_mode,
+    }
 
 
 def _decode_image(raw: Any) -> bytes:
@@ -164,8 +179,11 @@ class Handler(BaseHTTPRequestHandler):
         if file.parent != STATIC.resolve() or not file.is_file():  # no ../ escapes, no folders
             return self._json(404, {"error": f"no such page: {path}"})
         kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        self._send(200, file.read_bytes(), kind + ("; charset=utf-8" if kind.startswith("text/") or
-                                                    kind.endswith("javascript") else ""))
+        self._send(
+            200,
+            file.read_bytes(),
+            kind + ("; charset=utf-8" if kind.startswith("text/") or kind.endswith("javascript") else ""),
+        )
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != "/api/chat":
@@ -189,21 +207,35 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Accel-Buffering", "no")
         self.end_headers()
-        self.close_connection = True     # the stream ends when this connection closes
+        self.close_connection = True  # the stream ends when this connection closes
         demo = self.server.demo
         try:
             tokens = ocr_tokens(req["images"]) if req["ocr"] and req["images"] else ""
             question = build_question(req["question"], tokens, req["gen"])
             self._event("question", {"question": question, "ocr": tokens})
             client = demo.client()
-            client.wait_ready(timeout_s=2.0)   # "cannot reach ..." reads better than a broken-stream error
+            client.wait_ready(timeout_s=2.0)  # "cannot reach ..." reads better than a broken-stream error
             answer = client.stream_answer(
-                question, req["images"], history=req["history"], max_tokens=req["max_tokens"],
-                temperature=req["temperature"], top_p=req["top_p"], conv_mode=req["conv_mode"],
-                on_delta=lambda text: self._event("delta", {"text": text}))
+                question,
+                req["images"],
+                history=req["history"],
+                max_tokens=req["max_tokens"],
+                temperature=req["temperature"],
+                top_p=req["top_p"],
+                conv_mode=req["conv_mode"],
+                on_delta=lambda text: self._event("delta", {"text": text}),
+            )
             gen = demo.render(answer.text) if req["gen"] else None
-            self._event("done", {"text": answer.text, "output_tokens": answer.output_tokens,
-                                 "ttft_ms": answer.ttft_ms, "latency_s": answer.latency_s, "gen": gen})
+            self._event(
+                "done",
+                {
+                    "text": answer.text,
+                    "output_tokens": answer.output_tokens,
+                    "ttft_ms": answer.ttft_ms,
+                    "latency_s": answer.latency_s,
+                    "gen": gen,
+                },
+            )
         except (BrokenPipeError, ConnectionResetError):
             return  # the page went away; leaving stream_answer cancelled the request on the server
         except Exception as e:  # noqa: BLE001 - any failure is this request's error, never the server's
@@ -234,12 +266,16 @@ def make_server(demo: WebDemo, host: str = "127.0.0.1", port: int = 7860, verbos
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mgm-web", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mgm-web", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--triton_url", default=None,
-                   help="host:port of the Triton server (default localhost:8001 for grpc, localhost:8000 for http)")
+    p.add_argument(
+        "--triton_url",
+        default=None,
+        help="host:port of the Triton server (default localhost:8001 for grpc, localhost:8000 for http)",
+    )
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.add_argument("--model", choices=("mgm_bls", "ensemble"), default="mgm_bls")
     p.add_argument("--model_name", default=None, help="variant added with `mgm-build repo --name NAME`")
@@ -259,8 +295,9 @@ def serve(args: argparse.Namespace) -> int:
         server = make_server(demo, args.host, args.port, args.verbose)
     except OSError as e:
         raise MGMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-    print(f"mgm-web: serving {server.url} (Triton {url}, {args.protocol}, model {args.model}); Ctrl-C stops",
-          flush=True)
+    print(
+        f"mgm-web: serving {server.url} (Triton {url}, {args.protocol}, model {args.model}); Ctrl-C stops", flush=True
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

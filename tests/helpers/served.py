@@ -16,6 +16,7 @@ class Served:
 
     def client(self, protocol="grpc", model="mgm_bls"):
         from client.mgm_client import MGMClient
+
         url = self.server.grpc_url if protocol == "grpc" else self.server.http_url
         return MGMClient(url, protocol=protocol, model=model, timeout_s=120)
 
@@ -24,14 +25,18 @@ class Served:
         from mgm_ref.conversation import build_prompt
         from mgm_ref.model import GenerationParams
         from mgm_ref.preprocess import load_image
+
         pils = [load_image(b) for b in images]
-        ids = self.ref.generate([self.ref.tokenize(build_prompt(self.ref.conv_mode, prompt, len(pils), history))],
-                                self.ref.image_features(pils) if pils else None,
-                                GenerationParams(max_new_tokens=max_tokens, temperature=0))[0]
+        ids = self.ref.generate(
+            [self.ref.tokenize(build_prompt(self.ref.conv_mode, prompt, len(pils), history))],
+            self.ref.image_features(pils) if pils else None,
+            GenerationParams(max_new_tokens=max_tokens, temperature=0),
+        )[0]
         return self.ref.decode(ids), len(ids)
 
     def stop(self) -> None:
         from triton_models.server import port_is_free
+
         ports = self.server.ports
         self.server.stop()
         assert all(port_is_free(p) for p in ports), "the server left a port bound"

@@ -72,8 +72,9 @@ def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int 
     return args
 
 
-def mpirun_command(install: ServerInstall, options: ServerOptions, world_size: int,
-                   mpirun: str = "mpirun") -> list[str]:
+def mpirun_command(
+    install: ServerInstall, options: ServerOptions, world_size: int, mpirun: str = "mpirun"
+) -> list[str]:
     """`mpirun --allow-run-as-root -n 1 tritonserver ... : -n 1 tritonserver ...` (one per rank)."""
     cmd = [mpirun, "--allow-run-as-root"]
     for rank in range(world_size):
@@ -83,8 +84,7 @@ def mpirun_command(install: ServerInstall, options: ServerOptions, world_size: i
     return cmd
 
 
-def server_command(install: ServerInstall, options: ServerOptions,
-                   world_size: int = 1) -> list[str]:
+def server_command(install: ServerInstall, options: ServerOptions, world_size: int = 1) -> list[str]:
     """The full command line; world_size > 1 needs Open MPI's `mpirun` on PATH."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

@@ -65,7 +65,6 @@ def default_server_home() -> Path:
     return cache_root() / f"tritonserver-{version}-py{py}"
 
 
-
 def bundled_libs_dir() -> Path | None:
     """The wheel's bundled shared libraries, or None when nvidia-pytriton is not installed
     (perf_analyzer borrows libb64 and libcudart from there)."""
@@ -81,8 +80,7 @@ def _populate_tree(src: Path, dest: Path) -> None:
     stub = src / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.is_file():
         have = sorted(p.name for p in (src / "python_backend_stubs").iterdir())
-        raise ServerError(
-            f"nvidia-pytriton has no python backend stub for Python {py} (it has {have})")
+        raise ServerError(f"nvidia-pytriton has no python backend stub for Python {py} (it has {have})")
     ignore = shutil.ignore_patterns("__pycache__")
     for name in ("bin", "backends", "caches"):
         shutil.copytree(src / name, dest / name, ignore=ignore)

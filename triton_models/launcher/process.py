@@ -20,8 +20,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from triton_models.launcher.argv import ServerOptions, server_command
 from triton_models.launcher.errors import ServerError
@@ -84,12 +84,22 @@ class TritonServer:
     exits: start it from a thread that outlives it (the main thread, a pytest fixture).
     """
 
-    def __init__(self, model_repo: str | os.PathLike, http_port: int | None = None,
-                 grpc_port: int | None = None, metrics_port: int | None = None, *,
-                 host: str = "127.0.0.1", world_size: int = 1, log_verbose: int = 0,
-                 env: dict[str, str] | None = None, extra_args: Sequence[str] = (),
-                 echo: bool = False, die_with_parent: bool = True,
-                 install: ServerInstall | None = None):
+    def __init__(
+        self,
+        model_repo: str | os.PathLike,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        world_size: int = 1,
+        log_verbose: int = 0,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        echo: bool = False,
+        die_with_parent: bool = True,
+        install: ServerInstall | None = None,
+    ):
         self.model_repo = Path(model_repo).resolve()
         self._requested_ports = (http_port, grpc_port, metrics_port)
         self.host = host
@@ -148,13 +158,13 @@ class TritonServer:
         return self.options
 
     # -- lifecycle
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def start(self, timeout: float = 120.0, attempts: int = 3) -> "TritonServer":
+    def start(self, timeout: float = 120.0, attempts: int = 3) -> TritonServer:
         """Launch and wait until /v2/health/ready; retries on a lost race for free ports."""
         if not self.model_repo.is_dir():
             raise ServerError(f"model repository {self.model_repo} is not a directory")
@@ -189,19 +199,31 @@ class TritonServer:
     def _launch(self, install: ServerInstall) -> None:
         http_port, grpc_port, metrics_port = self._pick_ports()
         self.options = ServerOptions(
-            model_repo=self.model_repo, http_port=http_port, grpc_port=grpc_port,
-            metrics_port=metrics_port, host=self.host, log_verbose=self.log_verbose,
-            extra_args=self.extra_args)
+            model_repo=self.model_repo,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            host=self.host,
+            log_verbose=self.log_verbose,
+            extra_args=self.extra_args,
+        )
         cmd = server_command(install, self.options, self.world_size)
         env = {**os.environ, **install.env, **self.extra_env}
         # Own session: Ctrl-C in a terminal reaches only us (we forward it), and stop() can
         # kill the whole group, python stubs included.
         preexec = _parent_death_signal(signal.SIGTERM) if self.die_with_parent else None
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                      preexec_fn=preexec)
-        self._reader = threading.Thread(target=self._pump_output, args=(self._proc.stdout,),
-                                        name="tritonserver-log", daemon=True)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+        self._reader = threading.Thread(
+            target=self._pump_output, args=(self._proc.stdout,), name="tritonserver-log", daemon=True
+        )
         self._reader.start()
 
     def _pump_output(self, stream) -> None:
@@ -233,7 +255,7 @@ class TritonServer:
                 return False
         return True
 
-    def wait_ready(self, timeout: float = 120.0) -> "TritonServer":
+    def wait_ready(self, timeout: float = 120.0) -> TritonServer:
         """Poll readiness; on death or timeout, stop and raise with the end of the log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -241,13 +263,16 @@ class TritonServer:
                 code = self.stop()
                 raise ServerError(
                     f"tritonserver exited with code {code} before it was ready "
-                    f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}")
+                    f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}"
+                )
             if self.is_ready() and self._endpoints_listening():
                 return self
             time.sleep(0.1)
         self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s "
-                          f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}")
+        raise ServerError(
+            f"tritonserver was not ready after {timeout:.0f} s "
+            f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}"
+        )
 
     def send_signal(self, sig: int) -> None:
         # Not Popen.send_signal: it reaps an exited server, and stop() needs the zombie kept.

@@ -19,16 +19,25 @@ NAME = "sdpa_native_gqa"
 _TORCH_HAS_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def sdpa_native_gqa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                            is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def sdpa_native_gqa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     if attention_mask is not None and attention_mask.ndim == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     extra = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, **extra)
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, **extra
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -44,8 +53,13 @@ def wants_native_gqa(llm, device: torch.device) -> bool:
     cfg = llm.config
     heads = getattr(cfg, "num_attention_heads", None)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return (_TORCH_HAS_GQA and device.type == "cpu" and getattr(cfg, "_attn_implementation", None) == "sdpa"
-            and heads is not None and kv_heads < heads)
+    return (
+        _TORCH_HAS_GQA
+        and device.type == "cpu"
+        and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        and heads is not None
+        and kv_heads < heads
+    )
 
 
 def use_native_gqa(llm, device: torch.device) -> bool:

@@ -31,8 +31,10 @@ def forward(request, mapping: dict[str, str]) -> list:
 def rename(response, mapping: dict[str, str]) -> list:
     """A response's outputs as input tensors for the next model (old name -> new name)."""
     pb_utils = pb()
-    return [pb_utils.Tensor(new, pb_utils.get_output_tensor_by_name(response, old).as_numpy())
-            for old, new in mapping.items()]
+    return [
+        pb_utils.Tensor(new, pb_utils.get_output_tensor_by_name(response, old).as_numpy())
+        for old, new in mapping.items()
+    ]
 
 
 def prompt_table_inputs(vision_response) -> list:
@@ -43,14 +45,15 @@ def prompt_table_inputs(vision_response) -> list:
     if rows == 0:
         return []
     table = pb_utils.get_output_tensor_by_name(vision_response, "OUT_PROMPT_EMBEDDING_TABLE")
-    return [pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.to_dlpack()),
-            pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], np.int32))]
+    return [
+        pb_utils.Tensor.from_dlpack("prompt_embedding_table", table.to_dlpack()),
+        pb_utils.Tensor("prompt_vocab_size", np.array([[rows]], np.int32)),
+    ]
 
 
 async def call(model: str, inputs: list, outputs: list[str]):
     """One response of `model`; RuntimeError with the callee's message when it failed."""
-    response = await pb().InferenceRequest(model_name=model, inputs=inputs,
-                                           requested_output_names=outputs).async_exec()
+    response = await pb().InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).async_exec()
     if response.has_error():
         raise RuntimeError(response.error().message())
     return response
@@ -64,8 +67,9 @@ class StreamedTokens:
     the generation and free its slot, then stops reading.
     """
 
-    def __init__(self, responses, waiters: ThreadPoolExecutor, model: str, request_id: str,
-                 outputs: list[str] | None = None):
+    def __init__(
+        self, responses, waiters: ThreadPoolExecutor, model: str, request_id: str, outputs: list[str] | None = None
+    ):
         # the token ids come in the first output; the others are requested because the backend needs them
         self.outputs = outputs or ["output_ids"]
         self.responses, self.waiters, self.output = responses, waiters, self.outputs[0]
@@ -93,16 +97,20 @@ class StreamedTokens:
         self.finished = True
         pb_utils = pb()
         # the required inputs must be present; the model only reads `stop` and the request id
-        inputs = [pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
-                  pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
-                  pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
-                  pb_utils.Tensor("stop", np.array([[True]]))]
-        request = pb_utils.InferenceRequest(model_name=self.model, inputs=inputs, request_id=self.request_id,
-                                            requested_output_names=self.outputs)
+        inputs = [
+            pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+            pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+            pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
+            pb_utils.Tensor("stop", np.array([[True]])),
+        ]
+        request = pb_utils.InferenceRequest(
+            model_name=self.model, inputs=inputs, request_id=self.request_id, requested_output_names=self.outputs
+        )
         try:  # the answer is complete either way: a failed stop only lets the generation run on
             for response in await request.async_exec(decoupled=True):
                 if response.has_error():
-                    log.warning("stopping %s request %r failed: %s", self.model, self.request_id,
-                                response.error().message())
+                    log.warning(
+                        "stopping %s request %r failed: %s", self.model, self.request_id, response.error().message()
+                    )
         except Exception as e:  # noqa: BLE001 - e.g. a model without the `stop` input; logged, not raised
             log.warning("stopping %s request %r failed: %s", self.model, self.request_id, e)

@@ -29,16 +29,19 @@ class IncrementalDetokenizer:
         if text.endswith("\ufffd") and not self.stopped:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         # Hold back a tail that may still grow into a stop string.
-        hold = 0 if self.stopped else max((k for s in self.stop_strings for k in range(1, len(s))
-                                           if text.endswith(s[:k])), default=0)
+        hold = (
+            0
+            if self.stopped
+            else max((k for s in self.stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        )
         ready = text[: len(text) - hold]
-        delta = ready[len(self.emitted):] if ready.startswith(self.emitted) else ""
+        delta = ready[len(self.emitted) :] if ready.startswith(self.emitted) else ""
         self.emitted += delta
         return delta
 
     def finish(self) -> str:
         """The rest of the text once generation ended."""
         text = self.text()
-        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted += delta
         return delta

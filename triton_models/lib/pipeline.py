@@ -9,8 +9,9 @@ spaces the model puts before its first word. The Triton model only implements th
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from triton_models.lib.detokenize import IncrementalDetokenizer
 
@@ -18,9 +19,10 @@ from triton_models.lib.detokenize import IncrementalDetokenizer
 @dataclass(frozen=True)
 class Piece:
     """What one response carries: new text (streaming) or the whole answer (final, not streaming)."""
+
     text: str
-    tokens: int          # tokens generated so far
-    ttft_ms: float       # time to the first token; 0.0 before it
+    tokens: int  # tokens generated so far
+    ttft_ms: float  # time to the first token; 0.0 before it
     final: bool
 
 
@@ -69,8 +71,13 @@ class AnswerText:
         return rest if self.sent_any else rest.lstrip()
 
 
-async def run_answer(stages: Stages, text: AnswerText, send: Callable[[Piece], None],
-                     cancelled: Callable[[], bool], clock: Callable[[], float] = time.perf_counter) -> None:
+async def run_answer(
+    stages: Stages,
+    text: AnswerText,
+    send: Callable[[Piece], None],
+    cancelled: Callable[[], bool],
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
     """Run one request to its final piece. Reading stops at a stop string or when the client left."""
     start = clock()
     pre = await stages.preprocess()

@@ -26,11 +26,11 @@ from triton_models.lib.chat import ChatTemplates
 
 @dataclass
 class ModelInputs:
-    input_ids: np.ndarray      # (L,) int32, fake ids >= vocab_size for image rows
-    images: np.ndarray         # (N, 3, 336, 336) or HD (N, 5, 3, 336, 336) float32
-    images_aux: np.ndarray     # (N, 3, S, S) float32
+    input_ids: np.ndarray  # (L,) int32, fake ids >= vocab_size for image rows
+    images: np.ndarray  # (N, 3, 336, 336) or HD (N, 5, 3, 336, 336) float32
+    images_aux: np.ndarray  # (N, 3, S, S) float32
     end_id: int
-    stop_words: np.ndarray     # (2, K) int32: flattened ids, then end offsets padded with -1
+    stop_words: np.ndarray  # (2, K) int32: flattened ids, then end offsets padded with -1
 
 
 def split_images(blob: np.ndarray | None, sizes: np.ndarray | None) -> list[bytes]:
@@ -40,11 +40,11 @@ def split_images(blob: np.ndarray | None, sizes: np.ndarray | None) -> list[byte
     data = np.ascontiguousarray(blob, dtype=np.uint8).tobytes()
     if sizes is None or len(sizes) == 0:
         return [data]
-    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
-    if any(s <= 0 for s in sizes) or sum(sizes) != len(data):
-        raise ImageError(f"image_sizes {sizes} do not add up to the {len(data)} bytes of image_input")
-    offsets = np.cumsum([0] + sizes)
-    return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    lengths = [int(s) for s in np.asarray(sizes).reshape(-1)]
+    if any(n <= 0 for n in lengths) or sum(lengths) != len(data):
+        raise ImageError(f"image_sizes {lengths} do not add up to the {len(data)} bytes of image_input")
+    offsets = np.cumsum([0] + lengths)
+    return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
 def parse_history(text: str | None) -> list[tuple[str, str]]:
@@ -60,8 +60,14 @@ def parse_history(text: str | None) -> list[tuple[str, str]]:
 
 
 class Preprocessor:
-    def __init__(self, model_dir: str | Path, max_input_len: int, max_images: int = MAX_IMAGES_PER_REQUEST,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, vocab_offset: int | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_input_len: int,
+        max_images: int = MAX_IMAGES_PER_REQUEST,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        vocab_offset: int | None = None,
+    ):
         self.config = MGMConfig.from_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.processor = ImageProcessor(self.config)
@@ -72,8 +78,14 @@ class Preprocessor:
         # First fake id: the LLM's vocabulary size, or the padded one a TensorRT-LLM engine records.
         self.vocab_offset = vocab_offset or self.config.vocab_size
 
-    def __call__(self, query: str, images: list[bytes], history: list[tuple[str, str]] | None = None,
-                 conv_mode: str | None = None, system: str | None = None) -> ModelInputs:
+    def __call__(
+        self,
+        query: str,
+        images: list[bytes],
+        history: list[tuple[str, str]] | None = None,
+        conv_mode: str | None = None,
+        system: str | None = None,
+    ) -> ModelInputs:
         if not query or not query.strip():
             raise PromptError("the prompt is empty")
         if len(images) > self.max_images:
@@ -107,7 +119,8 @@ class Preprocessor:
 
     def expand_image_tokens(self, ids: list[int]) -> list[int]:
         """Each -200 -> the next T fake ids; ids count on across images, as the prompt table is flat."""
-        out, next_row, t = [], self.vocab_offset, self.config.tokens_per_image
+        out: list[int] = []
+        next_row, t = self.vocab_offset, self.config.tokens_per_image
         for i in ids:
             if i == IMAGE_TOKEN_INDEX:
                 out.extend(range(next_row, next_row + t))
@@ -127,8 +140,8 @@ def stop_words_list(words: list[list[int]]) -> np.ndarray:
     offsets = np.cumsum([len(w) for w in words]).tolist()
     width = max(len(flat), 1)
     out = np.full((2, width), -1, dtype=np.int32)
-    out[0, :len(flat)] = flat
-    out[1, :len(offsets)] = offsets
+    out[0, : len(flat)] = flat
+    out[1, : len(offsets)] = offsets
     if not flat:
         out[0, 0] = 0  # TensorRT-LLM expects a non-empty row; offset -1 marks "no words"
     return out

@@ -9,8 +9,8 @@ only per-row Python work is drawing that one uniform number.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -20,9 +20,10 @@ from mgm_runtime.numerics import GREEDY_TEMPERATURE
 @dataclass
 class RowSampling:
     """Sampling parameters of one request (one batch row)."""
+
     temperature: float = 0.0
-    top_p: float = 1.0          # 1.0 = off
-    top_k: int = 0              # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    top_k: int = 0  # 0 = off
     generator: torch.Generator | None = None
 
     @property
@@ -50,9 +51,14 @@ def _sample_rows(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Ten
     temps = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=dev)
     logits = logits / temps[:, None]
     # One uniform per row from the row's own generator.
-    u = torch.stack([torch.rand((), generator=r.generator,
-                                device=r.generator.device if r.generator is not None else "cpu").to(dev)
-                     for r in rows])
+    u = torch.stack(
+        [
+            torch.rand((), generator=r.generator, device=r.generator.device if r.generator is not None else "cpu").to(
+                dev
+            )
+            for r in rows
+        ]
+    )
     vocab = logits.shape[1]
     groups: dict[str, list[int]] = {"plain": [], "top_k": [], "sort": []}
     for i, r in enumerate(rows):

@@ -33,6 +33,7 @@ def use_utf8_locale() -> None:
 
 def pb():
     import triton_python_backend_utils as pb_utils
+
     return pb_utils
 
 
@@ -75,16 +76,23 @@ class ModelConfigError(MGMError):
     """A model's config.pbtxt does not match what its model.py serves."""
 
 
-def check_config(config: dict, decoupled: bool, inputs: dict[str, str] | None = None,
-                 outputs: dict[str, str] | None = None, dims: dict[str, list[int]] | None = None) -> None:
+def check_config(
+    config: dict,
+    decoupled: bool,
+    inputs: dict[str, str] | None = None,
+    outputs: dict[str, str] | None = None,
+    dims: dict[str, list[int]] | None = None,
+) -> None:
     """Fail at load time when the config's transaction policy, tensor names or dtypes differ from
     what the model code reads and writes (`inputs` / `outputs`: name -> "TYPE_..."; `dims`: name ->
     the dims the config must declare, -1 included)."""
     name = config.get("name", "?")
     actual = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
     if actual != decoupled:
-        raise ModelConfigError(f"model {name!r} must {'' if decoupled else 'not '}use the decoupled transaction "
-                               f"policy (model_transaction_policy {{ decoupled: {str(decoupled).lower()} }})")
+        raise ModelConfigError(
+            f"model {name!r} must {'' if decoupled else 'not '}use the decoupled transaction "
+            f"policy (model_transaction_policy {{ decoupled: {str(decoupled).lower()} }})"
+        )
     declared = {t["name"]: t for kind in ("input", "output") for t in config.get(kind, [])}
     for kind, wanted in (("input", inputs or {}), ("output", outputs or {})):
         names = {t["name"] for t in config.get(kind, [])}
@@ -92,10 +100,13 @@ def check_config(config: dict, decoupled: bool, inputs: dict[str, str] | None = 
             if tensor not in names:
                 raise ModelConfigError(f"model {name!r} has no {kind} {tensor!r}")
             if declared[tensor]["data_type"] != dtype:
-                raise ModelConfigError(f"model {name!r}: {kind} {tensor!r} must be {dtype}, "
-                                       f"the config says {declared[tensor]['data_type']}")
+                raise ModelConfigError(
+                    f"model {name!r}: {kind} {tensor!r} must be {dtype}, "
+                    f"the config says {declared[tensor]['data_type']}"
+                )
     for tensor, want in (dims or {}).items():
         got = [int(d) for d in declared.get(tensor, {}).get("dims", [])]
         if got != list(want):
-            raise ModelConfigError(f"model {name!r}: tensor {tensor!r} must have dims {list(want)}, "
-                                   f"the config says {got}")
+            raise ModelConfigError(
+                f"model {name!r}: tensor {tensor!r} must have dims {list(want)}, the config says {got}"
+            )

@@ -23,7 +23,7 @@ class VisionRunner:
         self.hidden_size = int(self.config["hidden_size"])
 
     @classmethod
-    def from_dir(cls, artifact_dir: str | Path, threads: int | None = None) -> "VisionRunner":
+    def from_dir(cls, artifact_dir: str | Path, threads: int | None = None) -> VisionRunner:
         return cls(*load_vision_artifact(artifact_dir, threads))
 
     def __call__(self, images: np.ndarray, images_aux: np.ndarray) -> np.ndarray:
@@ -33,7 +33,9 @@ class VisionRunner:
             return np.zeros((0, self.tokens_per_image, self.hidden_size), np.float32)
         chunks = []
         for i in range(0, n, self.max_batch_size):
-            out = self.runner(images=torch.from_numpy(images[i:i + self.max_batch_size]),
-                              images_aux=torch.from_numpy(images_aux[i:i + self.max_batch_size]))["image_features"]
+            out = self.runner(
+                images=torch.from_numpy(images[i : i + self.max_batch_size]),
+                images_aux=torch.from_numpy(images_aux[i : i + self.max_batch_size]),
+            )["image_features"]
             chunks.append(out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32))
         return np.concatenate(chunks)

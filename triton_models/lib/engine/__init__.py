@@ -1,9 +1,15 @@
 """The CPU LLM engine: request types (`request`), batched KV cache (`kv_cache`), engine loop (`scheduler`)."""
 
 from triton_models.lib.engine.kv_cache import BatchKVCache
-from triton_models.lib.engine.request import (EngineShutdown, GenerationRequest, RequestHandle, ValidRequest,
-                                              validate)
+from triton_models.lib.engine.request import EngineShutdown, GenerationRequest, RequestHandle, ValidRequest, validate
 from triton_models.lib.engine.scheduler import LLMEngine
 
-__all__ = ["BatchKVCache", "EngineShutdown", "GenerationRequest", "LLMEngine", "RequestHandle", "ValidRequest",
-           "validate"]
+__all__ = [
+    "BatchKVCache",
+    "EngineShutdown",
+    "GenerationRequest",
+    "LLMEngine",
+    "RequestHandle",
+    "ValidRequest",
+    "validate",
+]

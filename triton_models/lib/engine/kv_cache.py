@@ -11,7 +11,7 @@ leaves (the last row moves into its slot) or when every remaining row carries a 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -22,7 +22,7 @@ __all__ = ["BatchKVCache"]
 class _SlotLayer(DynamicLayer):
     """One decoder layer's slice of BatchKVCache: writes new columns in place, returns views."""
 
-    def __init__(self, owner: "BatchKVCache"):
+    def __init__(self, owner: BatchKVCache):
         super().__init__()
         self._owner = owner
         self.kbuf: torch.Tensor | None = None
@@ -51,12 +51,12 @@ class BatchKVCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
         self.max_rows = max_rows
         self.column_chunk = column_chunk
-        self.batch = 0            # rows in use
-        self.length = 0           # columns in use
+        self.batch = 0  # rows in use
+        self.length = 0  # columns in use
         self.pads: list[int] = []  # masked left columns per row
         self.rows_cap = 0
         self.cols_cap = 0
-        self.moved_columns = 0    # columns copied by merges / shifts / compaction (for benchmarks)
+        self.moved_columns = 0  # columns copied by merges / shifts / compaction (for benchmarks)
 
     # -- capacity --
     def _ensure(self, rows: int, cols: int, like: torch.Tensor) -> None:
@@ -74,7 +74,7 @@ class BatchKVCache(Cache):
         shape = (new_rows, heads, new_cols, head_dim)
         # allocate everything first: an out-of-memory error leaves the cache as it was
         fresh = [(like.new_empty(shape), like.new_empty(shape)) for _ in self.layers]
-        for layer, (kbuf, vbuf) in zip(self.layers, fresh):
+        for layer, (kbuf, vbuf) in zip(self.layers, fresh, strict=True):
             if layer.kbuf is not None and b and n:
                 kbuf[:b, :, :n] = layer.kbuf[:b, :, :n]
                 vbuf[:b, :, :n] = layer.vbuf[:b, :, :n]
@@ -107,12 +107,12 @@ class BatchKVCache(Cache):
             s = n - length
             for layer in self.layers:
                 for buf in (layer.kbuf, layer.vbuf):
-                    buf[:b, :, s:s + length] = buf[:b, :, :length].clone()
+                    buf[:b, :, s : s + length] = buf[:b, :, :length].clone()
                     buf[:b, :, :s] = 0
             self.pads = [p + s for p in self.pads]
             self.moved_columns += b * length
         pad = new_len - n
-        for layer, (k, v) in zip(self.layers, kv):
+        for layer, (k, v) in zip(self.layers, kv, strict=True):
             layer.kbuf[b, :, pad:new_len] = k[0]
             layer.vbuf[b, :, pad:new_len] = v[0]
             if pad:
@@ -127,8 +127,8 @@ class BatchKVCache(Cache):
         last = self.batch - 1
         if row != last:
             for layer in self.layers:
-                layer.kbuf[row, :, :self.length] = layer.kbuf[last, :, :self.length]
-                layer.vbuf[row, :, :self.length] = layer.vbuf[last, :, :self.length]
+                layer.kbuf[row, :, : self.length] = layer.kbuf[last, :, : self.length]
+                layer.vbuf[row, :, : self.length] = layer.vbuf[last, :, : self.length]
             self.pads[row] = self.pads[last]
             self.moved_columns += self.length
         self.pads.pop()
@@ -146,8 +146,7 @@ class BatchKVCache(Cache):
         b, n = self.batch, self.length
         for layer in self.layers:
             for buf in (layer.kbuf, layer.vbuf):
-                buf[:b, :, :n - p] = buf[:b, :, p:n].clone()
+                buf[:b, :, : n - p] = buf[:b, :, p:n].clone()
         self.pads = [x - p for x in self.pads]
         self.length = n - p
         self.moved_columns += b * (n - p)
-

@@ -12,8 +12,8 @@ import operator
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -21,8 +21,15 @@ from triton_models.lib.sampling import RowSampling
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GenerationRequest", "ValidRequest", "EngineLimits", "validate", "RequestHandle", "EngineShutdown",
-           "TokenCallback"]
+__all__ = [
+    "GenerationRequest",
+    "ValidRequest",
+    "EngineLimits",
+    "validate",
+    "RequestHandle",
+    "EngineShutdown",
+    "TokenCallback",
+]
 
 
 class EngineShutdown(RuntimeError):
@@ -32,13 +39,14 @@ class EngineShutdown(RuntimeError):
 @dataclass
 class GenerationRequest:
     """One generation request. `input_ids` may contain fake ids >= vocab_size (rows of `prompt_table`)."""
+
     input_ids: list[int]
-    prompt_table: torch.Tensor | None = None   # (P, hidden) float; fake id vocab_size + k -> row k
+    prompt_table: torch.Tensor | None = None  # (P, hidden) float; fake id vocab_size + k -> row k
     max_new_tokens: int = 512
-    temperature: float = 0.0                   # <= 0.001: greedy
-    top_p: float = 1.0                         # 1.0: off
-    top_k: int = 0                             # 0: off
-    seed: int | None = None                    # per-request generator: results independent of batch mates
+    temperature: float = 0.0  # <= 0.001: greedy
+    top_p: float = 1.0  # 1.0: off
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # per-request generator: results independent of batch mates
     stop_ids: list[int] = field(default_factory=list)  # generation ends when one is produced (not returned)
     request_id: str = ""
 
@@ -46,6 +54,7 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class EngineLimits:
     """What a request is checked against: the model's vocabulary, hidden size and positions."""
+
     vocab_size: int
     hidden_size: int
     max_positions: int
@@ -54,8 +63,9 @@ class EngineLimits:
 @dataclass(frozen=True)
 class ValidRequest:
     """A request that passed `validate`: the engine's only input."""
-    ids: torch.Tensor                 # (L,) long; ids >= vocab_size select rows of `table`
-    table: torch.Tensor | None        # (P, hidden) float
+
+    ids: torch.Tensor  # (L,) long; ids >= vocab_size select rows of `table`
+    table: torch.Tensor | None  # (P, hidden) float
     sampling: RowSampling
     stop_ids: frozenset
     max_new_tokens: int
@@ -65,7 +75,7 @@ class ValidRequest:
 _END = object()
 
 
-TokenCallback = Callable[["RequestHandle", Optional[int], bool], None]
+TokenCallback = Callable[["RequestHandle", int | None, bool], None]
 
 
 class RequestHandle:
@@ -77,12 +87,17 @@ class RequestHandle:
     iteration, `poll()` or `result()` (they share one queue); `tokens` always holds everything produced.
     """
 
-    def __init__(self, request: GenerationRequest, valid: ValidRequest, wake: threading.Condition,
-                 callback: TokenCallback | None = None):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        valid: ValidRequest,
+        wake: threading.Condition,
+        callback: TokenCallback | None = None,
+    ):
         self.request = request
         self.valid = valid
         self.request_id = valid.request_id
-        self.tokens: list[int] = []            # every token produced so far (engine side)
+        self.tokens: list[int] = []  # every token produced so far (engine side)
         self.finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | "shutdown"
         self.error: BaseException | None = None
         self.submitted_at = time.perf_counter()
@@ -194,8 +209,11 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
         raise ValueError(f"expected a GenerationRequest, got {type(r).__name__}")
     raw = r.input_ids
     try:  # a list of ints; a 1-D integer tensor or numpy array is accepted too
-        ids = raw.detach().cpu() if isinstance(raw, torch.Tensor) else torch.as_tensor(
-            list(raw) if not hasattr(raw, "__array__") else raw)
+        ids = (
+            raw.detach().cpu()
+            if isinstance(raw, torch.Tensor)
+            else torch.as_tensor(list(raw) if not hasattr(raw, "__array__") else raw)
+        )
     except (TypeError, ValueError, RuntimeError, OverflowError):
         raise ValueError("input_ids must be a list of integers") from None
     if ids.numel() == 0:
@@ -205,8 +223,10 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
     ids = ids.reshape(-1).to(torch.long)
     lowest, highest = int(ids.min()), int(ids.max())
     if lowest < 0:
-        raise ValueError(f"input_ids contains a negative id ({lowest}); an <image> placeholder (-200) must be "
-                         f"replaced by fake ids vocab_size + k ({limits.vocab_size} + k) selecting prompt_table rows")
+        raise ValueError(
+            f"input_ids contains a negative id ({lowest}); an <image> placeholder (-200) must be "
+            f"replaced by fake ids vocab_size + k ({limits.vocab_size} + k) selecting prompt_table rows"
+        )
     table = r.prompt_table
     if table is not None and not isinstance(table, torch.Tensor) and hasattr(table, "__array__"):
         table = torch.as_tensor(table)  # numpy array (e.g. straight from a Triton input)
@@ -220,15 +240,21 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
     if highest >= limits.vocab_size:
         rows = 0 if table is None else table.shape[0]
         if table is None:
-            raise ValueError(f"input_ids contains fake id {highest} (>= vocab_size {limits.vocab_size}) "
-                             "but no prompt_table was given")
+            raise ValueError(
+                f"input_ids contains fake id {highest} (>= vocab_size {limits.vocab_size}) "
+                "but no prompt_table was given"
+            )
         if highest - limits.vocab_size >= rows:
-            raise ValueError(f"fake id {highest} selects prompt_table row {highest - limits.vocab_size} but the "
-                             f"table has {rows} rows (ids must be < {limits.vocab_size + rows})")
+            raise ValueError(
+                f"fake id {highest} selects prompt_table row {highest - limits.vocab_size} but the "
+                f"table has {rows} rows (ids must be < {limits.vocab_size + rows})"
+            )
     max_new = _integer(r.max_new_tokens, "max_new_tokens", minimum=1)
     if ids.numel() + max_new > limits.max_positions:
-        raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new}) exceeds the "
-                         f"model's {limits.max_positions} positions")
+        raise ValueError(
+            f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new}) exceeds the "
+            f"model's {limits.max_positions} positions"
+        )
     try:
         temperature, top_p = float(r.temperature), float(r.top_p)
     except (TypeError, ValueError):
@@ -249,6 +275,7 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
         if seed is None:
             sampling.generator.seed()  # fresh entropy
         else:
-            sampling.generator.manual_seed(seed % (2 ** 64))
-    return ValidRequest(ids=ids, table=table, sampling=sampling, stop_ids=stops, max_new_tokens=max_new,
-                        request_id=str(r.request_id))
+            sampling.generator.manual_seed(seed % (2**64))
+    return ValidRequest(
+        ids=ids, table=table, sampling=sampling, stop_ids=stops, max_new_tokens=max_new, request_id=str(r.request_id)
+    )

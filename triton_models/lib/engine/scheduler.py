@@ -1,5 +1,8 @@
 """A Triton-free CPU LLM engine with in-flight batching: the CPU stand-in for TensorRT-LLM's batcher.
 
+One file on purpose: the loop turn (admit, prefill, decode, emit, retire) is one state machine whose
+steps share the active/prefilling lists; request types and the KV cache live in their own modules.
+
 One engine thread owns the HF causal LM (LlamaForCausalLM, GemmaForCausalLM, MixtralForCausalLM as
 built by `mgm_ref.loader.load_llm`). Each loop turn it
 
@@ -54,8 +57,14 @@ from transformers.cache_utils import DynamicCache
 from mgm_runtime.prompt_table import embed_with_prompt_table
 from triton_models.lib import attention
 from triton_models.lib.engine.kv_cache import BatchKVCache
-from triton_models.lib.engine.request import (EngineLimits, EngineShutdown, GenerationRequest, RequestHandle,
-                                              TokenCallback, validate)
+from triton_models.lib.engine.request import (
+    EngineLimits,
+    EngineShutdown,
+    GenerationRequest,
+    RequestHandle,
+    TokenCallback,
+    validate,
+)
 from triton_models.lib.sampling import RowSampling, sample_next
 
 log = logging.getLogger(__name__)
@@ -77,21 +86,27 @@ class _Active:
 @dataclass
 class _Prefill:
     state: _Active
-    embeds: torch.Tensor          # (1, n, hidden) spliced prompt
-    cache: DynamicCache           # this request's own cache until it joins the batch
-    done: int = 0                 # prompt tokens prefilled so far
+    embeds: torch.Tensor  # (1, n, hidden) spliced prompt
+    cache: DynamicCache  # this request's own cache until it joins the batch
+    done: int = 0  # prompt tokens prefilled so far
 
 
 class LLMEngine:
     """In-flight batching generation over an HF causal LM, driven by one engine thread."""
 
-    def __init__(self, llm, max_batch_size: int = 8, device: str | torch.device = "cpu",
-                 num_threads: int | None = None, prefill_chunk: int | None = None):
+    def __init__(
+        self,
+        llm,
+        max_batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        num_threads: int | None = None,
+        prefill_chunk: int | None = None,
+    ):
         """`num_threads`: torch.set_num_threads in the engine thread (process-wide; None leaves it).
         `prefill_chunk`: at most this many prompt tokens are prefilled between two decode steps (chunked
         prefill: running streams keep flowing while a long prompt is prefilled, at some cost in TTFT).
         None: newcomers are prefilled whole before the next decode step (bit-exact with a solo run).
-"""
+        """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.llm = llm
@@ -105,7 +120,9 @@ class LLMEngine:
         self.embed = llm.get_input_embeddings()
         self.vocab_size = int(cfg.vocab_size)
         if self.embed.num_embeddings != self.vocab_size:
-            raise ValueError(f"input embeddings have {self.embed.num_embeddings} rows but vocab_size is {self.vocab_size}")
+            raise ValueError(
+                f"input embeddings have {self.embed.num_embeddings} rows but vocab_size is {self.vocab_size}"
+            )
         self.hidden_size = int(self.embed.embedding_dim)
         self.max_positions = int(cfg.max_position_embeddings)
         self.dtype = self.embed.weight.dtype
@@ -118,10 +135,19 @@ class LLMEngine:
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._active: list[_Active] = []
-        self._prefilling: list[_Prefill] = []   # admitted (slot reserved), prompt not fully prefilled yet
+        self._prefilling: list[_Prefill] = []  # admitted (slot reserved), prompt not fully prefilled yet
         self._stop = False
-        self.stats: dict[str, int] = dict(steps=0, batched_steps=0, max_batch_seen=0, tokens_generated=0,
-                                          prefills=0, prefill_tokens=0, completed=0, cancelled=0, failed=0)
+        self.stats: dict[str, int] = dict(
+            steps=0,
+            batched_steps=0,
+            max_batch_seen=0,
+            tokens_generated=0,
+            prefills=0,
+            prefill_tokens=0,
+            completed=0,
+            cancelled=0,
+            failed=0,
+        )
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -152,7 +178,7 @@ class LLMEngine:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def __enter__(self) -> "LLMEngine":
+    def __enter__(self) -> LLMEngine:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -172,8 +198,14 @@ class LLMEngine:
 
     def snapshot(self) -> dict[str, Any]:
         """Counters plus the current occupancy."""
-        return dict(self.stats, active=len(self._active), pending=len(self._pending), prefilling=len(self._prefilling),
-                    cache_length=self.cache.length, moved_columns=self.cache.moved_columns)
+        return dict(
+            self.stats,
+            active=len(self._active),
+            pending=len(self._pending),
+            prefilling=len(self._prefilling),
+            cache_length=self.cache.length,
+            moved_columns=self.cache.moved_columns,
+        )
 
     # ---- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -205,12 +237,12 @@ class LLMEngine:
 
     def _take_newcomers(self) -> list[RequestHandle]:
         free = self.max_batch_size - len(self._active) - len(self._prefilling)
-        out = []
+        out: list[RequestHandle] = []
         while self._pending and len(out) < free:
             out.append(self._pending.popleft())
         # cancelled requests still waiting for a slot leave the queue now
         if any(h.cancelled for h in self._pending):
-            kept = collections.deque()
+            kept: collections.deque[RequestHandle] = collections.deque()
             for h in self._pending:
                 if h.cancelled:
                     self._end(h, "cancelled")
@@ -265,8 +297,9 @@ class LLMEngine:
 
     # ---- prefill / decode ------------------------------------------------------------------------
     def _embed_prompt(self, handle: RequestHandle) -> torch.Tensor:
-        return embed_with_prompt_table(handle.valid.ids.to(self.device), self.embed, handle.valid.table,
-                                       self.vocab_size)
+        return embed_with_prompt_table(
+            handle.valid.ids.to(self.device), self.embed, handle.valid.table, self.vocab_size
+        )
 
     def _start_prefill(self, handle: RequestHandle) -> None:
         if handle.cancelled:
@@ -291,9 +324,14 @@ class LLMEngine:
             take = int(min(n - p.done, budget))
             try:
                 positions = torch.arange(p.done, p.done + take, device=self.device)
-                out = self.llm(inputs_embeds=p.embeds[:, p.done:p.done + take], position_ids=positions[None],
-                               past_key_values=p.cache, use_cache=True, cache_position=positions,
-                               logits_to_keep=1)
+                out = self.llm(
+                    inputs_embeds=p.embeds[:, p.done : p.done + take],
+                    position_ids=positions[None],
+                    past_key_values=p.cache,
+                    use_cache=True,
+                    cache_position=positions,
+                    logits_to_keep=1,
+                )
                 p.done += take
                 budget -= take
                 self.stats["prefill_tokens"] += take
@@ -303,7 +341,8 @@ class LLMEngine:
                 self.stats["prefills"] += 1
                 token = int(sample_next(out.logits[:, -1], [p.state.sampling])[0])
                 if self._emit(p.state, token):
-                    self.cache.add_row([(layer.keys, layer.values) for layer in p.cache.layers])
+                    # a finished prefill has filled every layer's keys and values
+                    self.cache.add_row([(layer.keys, layer.values) for layer in p.cache.layers])  # type: ignore[misc]
                     self._active.append(p.state)
             except Exception as e:
                 log.info("request %r failed in prefill: %s", p.state.handle.request_id, e)
@@ -348,17 +387,26 @@ class LLMEngine:
         embeds = self.embed(tokens)[:, None, :]
         positions = torch.tensor([length - p for p in cache.pads], device=self.device)[:, None]
         cache.reserve_step()
-        out = self.llm(inputs_embeds=embeds, attention_mask=self._decode_mask(), position_ids=positions,
-                       past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([length], device=self.device), logits_to_keep=1)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=self._decode_mask(),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([length], device=self.device),
+            logits_to_keep=1,
+        )
         cache.length = length + 1
         next_tokens = sample_next(out.logits[:, -1], [s.sampling for s in active]).tolist()
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], b)
         if b > 1:
             self.stats["batched_steps"] += 1
-        finished = [row for row, (state, token) in enumerate(zip(active, next_tokens))
-                    if not self._emit(state, token)]
+        finished = [
+            row
+            for row, (state, token) in enumerate(zip(active, next_tokens, strict=True))
+            if not self._emit(state, token)
+        ]
         for row in reversed(finished):
             self._remove_finished(row)
         cache.trim()

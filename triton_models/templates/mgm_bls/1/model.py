@@ -17,18 +17,40 @@ from mgm_ref.loader import load_tokenizer
 from triton_models.lib.bls import StreamedTokens, call, forward, prompt_table_inputs, rename
 from triton_models.lib.chat import ChatTemplates
 from triton_models.lib.pipeline import AnswerText, Piece, run_answer
-from triton_models.lib.triton_io import (bytes_tensor, check_config, error_response, params_of, scalar_input,
-                                         string_input, use_utf8_locale)
+from triton_models.lib.triton_io import (
+    bytes_tensor,
+    check_config,
+    error_response,
+    params_of,
+    scalar_input,
+    string_input,
+    use_utf8_locale,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # client input -> the model's input name, for the inputs forwarded unchanged
-PREPROCESS_INPUTS = {"text_input": "QUERY", "image_input": "IMAGE", "image_sizes": "IMAGE_SIZES",
-                     "history": "HISTORY", "conv_mode": "CONV_MODE", "system_prompt": "SYSTEM_PROMPT",
-                     "max_tokens": "REQUEST_OUTPUT_LEN"}
-LLM_INPUTS = {"max_tokens": "request_output_len", "temperature": "temperature", "top_p": "runtime_top_p",
-              "top_k": "runtime_top_k", "seed": "seed"}
-PRE_TO_LLM = {"INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "END_ID": "end_id",
-              "STOP_WORDS_IDS": "stop_words_list"}
+PREPROCESS_INPUTS = {
+    "text_input": "QUERY",
+    "image_input": "IMAGE",
+    "image_sizes": "IMAGE_SIZES",
+    "history": "HISTORY",
+    "conv_mode": "CONV_MODE",
+    "system_prompt": "SYSTEM_PROMPT",
+    "max_tokens": "REQUEST_OUTPUT_LEN",
+}
+LLM_INPUTS = {
+    "max_tokens": "request_output_len",
+    "temperature": "temperature",
+    "top_p": "runtime_top_p",
+    "top_k": "runtime_top_k",
+    "seed": "seed",
+}
+PRE_TO_LLM = {
+    "INPUT_ID": "input_ids",
+    "REQUEST_INPUT_LEN": "input_lengths",
+    "END_ID": "end_id",
+    "STOP_WORDS_IDS": "stop_words_list",
+}
 PRE_TO_VISION = {"IMAGES": "IMAGES", "IMAGES_AUX": "IMAGES_AUX"}
 VISION_OUTPUTS = ["OUT_PROMPT_EMBEDDING_TABLE", "OUT_PROMPT_VOCAB_SIZE"]
 # the tensorrtllm backend fails a response unless both of these outputs are requested
@@ -50,8 +72,9 @@ class Stages:
         self.prompt_tokens = 0  # image rows included, as preprocessing counted them
 
     async def preprocess(self):
-        pre = await call(self.prefix + "preprocessing", forward(self.request, PREPROCESS_INPUTS),
-                         [*PRE_TO_LLM, *PRE_TO_VISION])
+        pre = await call(
+            self.prefix + "preprocessing", forward(self.request, PREPROCESS_INPUTS), [*PRE_TO_LLM, *PRE_TO_VISION]
+        )
         self.prompt_tokens = int(pb_utils.get_output_tensor_by_name(pre, "REQUEST_INPUT_LEN").as_numpy().reshape(-1)[0])
         return pre
 
@@ -63,8 +86,9 @@ class Stages:
         inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         request_id = f"mgm_bls-{uuid.uuid4().hex}"  # names the generation for a `stop` request
         llm = self.prefix + "tensorrt_llm"
-        responses = await pb_utils.InferenceRequest(model_name=llm, inputs=inputs, request_id=request_id,
-                                                    requested_output_names=LLM_OUTPUTS).async_exec(decoupled=True)
+        responses = await pb_utils.InferenceRequest(
+            model_name=llm, inputs=inputs, request_id=request_id, requested_output_names=LLM_OUTPUTS
+        ).async_exec(decoupled=True)
         return StreamedTokens(responses, self.waiters, llm, request_id, LLM_OUTPUTS)
 
 
@@ -72,9 +96,16 @@ class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
         config = json.loads(args["model_config"])
-        check_config(config, decoupled=True, inputs={"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32"},
-                     outputs={"text_output": "TYPE_STRING", "output_token_count": "TYPE_INT32",
-                              "time_to_first_token_ms": "TYPE_FP32"})
+        check_config(
+            config,
+            decoupled=True,
+            inputs={"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32"},
+            outputs={
+                "text_output": "TYPE_STRING",
+                "output_token_count": "TYPE_INT32",
+                "time_to_first_token_ms": "TYPE_FP32",
+            },
+        )
         params = params_of(config)
         self.prefix = args["model_name"].removesuffix("mgm_bls")
         self.tokenizer = load_tokenizer(params["model_dir"])
@@ -97,20 +128,25 @@ class TritonPythonModel:
                 sender.send(self.response(piece, stages.prompt_tokens))
 
         try:
-            text = AnswerText(self.tokenizer, self.templates.stop_strings(string_input(request, "conv_mode")),
-                              stream=bool(scalar_input(request, "stream", False)))
+            text = AnswerText(
+                self.tokenizer,
+                self.templates.stop_strings(string_input(request, "conv_mode")),
+                stream=bool(scalar_input(request, "stream", False)),
+            )
             await run_answer(stages, text, send, request.is_cancelled)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the server keeps serving
             sender.send(error_response(e), flags=FINAL)
 
     @staticmethod
     def response(piece: Piece, prompt_tokens: int):
-        return pb_utils.InferenceResponse([
-            bytes_tensor("text_output", [piece.text]),
-            pb_utils.Tensor("output_token_count", np.array([[piece.tokens]], np.int32)),
-            pb_utils.Tensor("time_to_first_token_ms", np.array([[piece.ttft_ms]], np.float32)),
-            pb_utils.Tensor("prompt_token_count", np.array([[prompt_tokens]], np.int32)),
-        ])
+        return pb_utils.InferenceResponse(
+            [
+                bytes_tensor("text_output", [piece.text]),
+                pb_utils.Tensor("output_token_count", np.array([[piece.tokens]], np.int32)),
+                pb_utils.Tensor("time_to_first_token_ms", np.array([[piece.ttft_ms]], np.float32)),
+                pb_utils.Tensor("prompt_token_count", np.array([[prompt_tokens]], np.int32)),
+            ]
+        )
 
     def finalize(self):
         self.waiters.shutdown(wait=False, cancel_futures=True)

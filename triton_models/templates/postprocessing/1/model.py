@@ -6,17 +6,28 @@ import json
 from mgm_ref.conversation import trim_answer
 from mgm_ref.loader import load_tokenizer
 from triton_models.lib.chat import ChatTemplates
-from triton_models.lib.triton_io import (bytes_tensor, check_config, error_response, optional_input, params_of, pb,
-                                         string_input, use_utf8_locale)
+from triton_models.lib.triton_io import (
+    bytes_tensor,
+    check_config,
+    error_response,
+    optional_input,
+    params_of,
+    pb,
+    string_input,
+    use_utf8_locale,
+)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
         config = json.loads(args["model_config"])
-        check_config(config, decoupled=False,
-                     inputs={"TOKENS_BATCH": "TYPE_INT32", "SEQUENCE_LENGTH": "TYPE_INT32", "CONV_MODE": "TYPE_STRING"},
-                     outputs={"OUTPUT": "TYPE_STRING"})
+        check_config(
+            config,
+            decoupled=False,
+            inputs={"TOKENS_BATCH": "TYPE_INT32", "SEQUENCE_LENGTH": "TYPE_INT32", "CONV_MODE": "TYPE_STRING"},
+            outputs={"OUTPUT": "TYPE_STRING"},
+        )
         params = params_of(config)
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.templates = ChatTemplates(params["model_dir"], self.tokenizer)
@@ -32,7 +43,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - one decode call for the batch: every request gets its error
             return [error_response(e) for _ in requests]
         responses = []
-        for request, text in zip(requests, texts):
+        for request, text in zip(requests, texts, strict=True):
             try:
                 conv_mode = self.templates.resolve(string_input(request, "CONV_MODE"))
                 responses.append(pb_utils.InferenceResponse([bytes_tensor("OUTPUT", [trim_answer(text, conv_mode)])]))

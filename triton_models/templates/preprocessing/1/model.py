@@ -6,8 +6,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_models.lib.preprocess import Preprocessor, parse_history, split_images
-from triton_models.lib.triton_io import (check_config, error_response, optional_input, params_of, string_input,
-                                         use_utf8_locale)
+from triton_models.lib.triton_io import (
+    check_config,
+    error_response,
+    optional_input,
+    params_of,
+    string_input,
+    use_utf8_locale,
+)
 
 
 class TritonPythonModel:
@@ -16,16 +22,34 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = params_of(config)
         self.max_seq_len = int(params["max_seq_len"])
-        self.preprocessor = Preprocessor(params["model_dir"], int(params["max_input_len"]),
-                                         int(params["max_images_per_request"]),
-                                         vocab_offset=int(params["vocab_offset"]))
+        self.preprocessor = Preprocessor(
+            params["model_dir"],
+            int(params["max_input_len"]),
+            int(params["max_images_per_request"]),
+            vocab_offset=int(params["vocab_offset"]),
+        )
         aux = self.preprocessor.config.image_size_aux
-        check_config(config, decoupled=False,
-                     inputs={"QUERY": "TYPE_STRING", "IMAGE": "TYPE_UINT8", "IMAGE_SIZES": "TYPE_INT32",
-                             "HISTORY": "TYPE_STRING", "CONV_MODE": "TYPE_STRING", "REQUEST_OUTPUT_LEN": "TYPE_INT32"},
-                     outputs={"INPUT_ID": "TYPE_INT32", "REQUEST_INPUT_LEN": "TYPE_INT32", "IMAGES": "TYPE_FP32",
-                              "IMAGES_AUX": "TYPE_FP32", "END_ID": "TYPE_INT32", "STOP_WORDS_IDS": "TYPE_INT32"},
-                     dims={"IMAGES": [-1, *self.preprocessor.lr_view_shape], "IMAGES_AUX": [-1, 3, aux, aux]})
+        check_config(
+            config,
+            decoupled=False,
+            inputs={
+                "QUERY": "TYPE_STRING",
+                "IMAGE": "TYPE_UINT8",
+                "IMAGE_SIZES": "TYPE_INT32",
+                "HISTORY": "TYPE_STRING",
+                "CONV_MODE": "TYPE_STRING",
+                "REQUEST_OUTPUT_LEN": "TYPE_INT32",
+            },
+            outputs={
+                "INPUT_ID": "TYPE_INT32",
+                "REQUEST_INPUT_LEN": "TYPE_INT32",
+                "IMAGES": "TYPE_FP32",
+                "IMAGES_AUX": "TYPE_FP32",
+                "END_ID": "TYPE_INT32",
+                "STOP_WORDS_IDS": "TYPE_INT32",
+            },
+            dims={"IMAGES": [-1, *self.preprocessor.lr_view_shape], "IMAGES_AUX": [-1, 3, aux, aux]},
+        )
 
     def execute(self, requests):
         return [self.handle(request) for request in requests]
@@ -34,12 +58,19 @@ class TritonPythonModel:
         try:
             query = string_input(request, "QUERY")
             images = split_images(optional_input(request, "IMAGE"), optional_input(request, "IMAGE_SIZES"))
-            inputs = self.preprocessor(query, images, parse_history(string_input(request, "HISTORY")),
-                                       string_input(request, "CONV_MODE"), string_input(request, "SYSTEM_PROMPT"))
+            inputs = self.preprocessor(
+                query,
+                images,
+                parse_history(string_input(request, "HISTORY")),
+                string_input(request, "CONV_MODE"),
+                string_input(request, "SYSTEM_PROMPT"),
+            )
             output_len = int(optional_input(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
             if len(inputs.input_ids) + output_len > self.max_seq_len:
-                raise ValueError(f"prompt ({len(inputs.input_ids)} tokens) + max_tokens ({output_len}) exceeds "
-                                 f"max_seq_len ({self.max_seq_len})")
+                raise ValueError(
+                    f"prompt ({len(inputs.input_ids)} tokens) + max_tokens ({output_len}) exceeds "
+                    f"max_seq_len ({self.max_seq_len})"
+                )
             tensors = {
                 "INPUT_ID": inputs.input_ids[None],
                 "REQUEST_INPUT_LEN": np.array([[len(inputs.input_ids)]], np.int32),

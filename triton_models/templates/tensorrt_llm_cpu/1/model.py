@@ -17,8 +17,14 @@ from mgm_ref.loader import load_llm
 from triton_models.lib import attention
 from triton_models.lib.engine import GenerationRequest, LLMEngine
 from triton_models.lib.preprocess import single_token_stops
-from triton_models.lib.triton_io import (check_config, error_response, optional_input, params_of, scalar_input,
-                                         use_utf8_locale)
+from triton_models.lib.triton_io import (
+    check_config,
+    error_response,
+    optional_input,
+    params_of,
+    scalar_input,
+    use_utf8_locale,
+)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.2  # how often a request that is waiting for tokens checks whether its client left
@@ -28,10 +34,18 @@ class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
         config = json.loads(args["model_config"])
-        check_config(config, decoupled=True,
-                     inputs={"input_ids": "TYPE_INT32", "request_output_len": "TYPE_INT32", "end_id": "TYPE_INT32",
-                             "stop_words_list": "TYPE_INT32", "streaming": "TYPE_BOOL"},
-                     outputs={"output_ids": "TYPE_INT32", "sequence_length": "TYPE_INT32"})
+        check_config(
+            config,
+            decoupled=True,
+            inputs={
+                "input_ids": "TYPE_INT32",
+                "request_output_len": "TYPE_INT32",
+                "end_id": "TYPE_INT32",
+                "stop_words_list": "TYPE_INT32",
+                "streaming": "TYPE_BOOL",
+            },
+            outputs={"output_ids": "TYPE_INT32", "sequence_length": "TYPE_INT32"},
+        )
         params = params_of(config)
         torch.set_num_threads(int(params.get("threads") or 1))
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
@@ -116,10 +130,12 @@ class TritonPythonModel:
 
     @staticmethod
     def response(tokens):
-        return pb_utils.InferenceResponse([
-            pb_utils.Tensor("output_ids", np.array([[tokens]], np.int32).reshape(1, 1, -1)),
-            pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], np.int32)),
-        ])
+        return pb_utils.InferenceResponse(
+            [
+                pb_utils.Tensor("output_ids", np.array([[tokens]], np.int32).reshape(1, 1, -1)),
+                pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], np.int32)),
+            ]
+        )
 
     def finalize(self):
         self.engine.shutdown()

@@ -16,9 +16,13 @@ class TritonPythonModel:
         params = params_of(config)
         threads = int(params.get("threads") or 0) or None
         self.runner = VisionRunner.from_dir(params["vision_dir"], threads)
-        check_config(config, decoupled=False, inputs={"IMAGES": "TYPE_FP32", "IMAGES_AUX": "TYPE_FP32"},
-                     outputs={"OUT_PROMPT_VOCAB_SIZE": "TYPE_INT32"},
-                     dims={"OUT_PROMPT_EMBEDDING_TABLE": [-1, self.runner.hidden_size]})
+        check_config(
+            config,
+            decoupled=False,
+            inputs={"IMAGES": "TYPE_FP32", "IMAGES_AUX": "TYPE_FP32"},
+            outputs={"OUT_PROMPT_VOCAB_SIZE": "TYPE_INT32"},
+            dims={"OUT_PROMPT_EMBEDDING_TABLE": [-1, self.runner.hidden_size]},
+        )
         # The table goes to the LLM in the engine's dtype (TensorRT-LLM rejects any other): fp32 on the
         # CPU path, fp16 or bf16 for TensorRT-LLM. numpy has no bf16, so that one leaves through DLPack.
         out = pb_utils.get_output_config_by_name(config, "OUT_PROMPT_EMBEDDING_TABLE")
@@ -34,12 +38,16 @@ class TritonPythonModel:
             return [error_response(e) for _ in requests]
         responses, start = [], 0
         for img in images:
-            rows = feats[start:start + len(img)].reshape(-1, feats.shape[-1])
+            rows = feats[start : start + len(img)].reshape(-1, feats.shape[-1])
             start += len(img)
-            responses.append(pb_utils.InferenceResponse([
-                self.table_tensor(rows[None]),
-                pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
-            ]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [
+                        self.table_tensor(rows[None]),
+                        pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
+                    ]
+                )
+            )
         return responses
 
     def table_tensor(self, rows: np.ndarray):
