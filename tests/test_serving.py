@@ -58,9 +58,10 @@ def test_text_only_multi_image_and_history(llama):
     text, _ = llama.expected("Compare the images.", two)
     assert llama.client().generate("Compare the images.", two, max_tokens=MAX_TOKENS).text == text
     history = [(QUESTION, "A cat.")]
-    text, n_tokens = llama.expected("And the colours?", [IMAGE], max_tokens=4, history=history)
-    assert text != llama.expected("And the colours?", [IMAGE], max_tokens=4)[0], "history must change this answer"
-    answer = llama.client().generate("And the colours?", [IMAGE], max_tokens=4, history=history)
+    # (the tiny random model needs all MAX_TOKENS tokens before the history shows in its answer)
+    text, n_tokens = llama.expected("And the colours?", [IMAGE], max_tokens=MAX_TOKENS, history=history)
+    assert text != llama.expected("And the colours?", [IMAGE], max_tokens=MAX_TOKENS)[0], "history must change it"
+    answer = llama.client().generate("And the colours?", [IMAGE], max_tokens=MAX_TOKENS, history=history)
     assert (answer.text, answer.output_tokens) == (text, n_tokens)
 
 
