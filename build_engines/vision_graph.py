@@ -78,17 +78,8 @@ class ReassociatedMining(nn.Module):
 def hr_features_nhwc(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """`ConvNextTower.forward` with a channels-last result (B, S/4, S/4, sum(dims)): each stage output
     is upsampled as the reference does, then moved channels-last before the concat."""
-    x = tower.stem(pixels.to(tower.stem.patch_embeddings.weight.dtype))
-    outputs = []
-    for stage in tower.stages:
-        x = stage(x)
-        outputs.append(x)
-    size = outputs[0].shape[-2:]
     return torch.cat(
-        [
-            F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype).permute(0, 2, 3, 1)
-            for o in outputs
-        ],
+        [m.permute(0, 2, 3, 1) for m in tower.stage_maps(pixels)],
         dim=-1,
     )
 

@@ -59,6 +59,10 @@ class ConvNextTower(nn.Module):
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.stage_maps(pixels), dim=1)
+
+    def stage_maps(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's (B, C_i, S/4, S/4) output, upsampled to the first stage's size."""
         x = self.stem(pixels.to(self.stem.patch_embeddings.weight.dtype))
         outputs = []
         for stage in self.stages:
@@ -66,10 +70,7 @@ class ConvNextTower(nn.Module):
             outputs.append(x)
         size = outputs[0].shape[-2:]
         # The original upsamples in float32 and casts back.
-        return torch.cat(
-            [F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype) for o in outputs],
-            dim=1,
-        )
+        return [F.interpolate(o.float(), size=size, mode="bilinear", align_corners=False).to(o.dtype) for o in outputs]
 
 
 def ln_linear(in_dim: int, out_dim: int) -> nn.Sequential:
