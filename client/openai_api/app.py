@@ -147,6 +147,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+class _ContentEvents:
+    """The SSE events of one streamed answer's text deltas: the chunk envelope is rendered once and each
+    delta's text is escaped into it (a JSON encode of the whole chunk per token is the costliest step
+    of the stream after the gRPC read)."""
+
+    _HOLE = "\x00"  # json.dumps writes it as \u0000; the delta is the envelope's last string field
+
+    def __init__(self, id_: str, model: str, created: int, include_usage: bool):
+        event = _sse(schema.chunk(id_, model, created, {"content": self._HOLE}, include_usage=include_usage))
+        self._head, _, self._tail = event.rpartition(json.dumps(self._HOLE))
+
+    def __call__(self, text: str) -> str:
+        return self._head + json.dumps(text) + self._tail
+
+
 def create_app(settings: Settings) -> FastAPI:
     backend = TritonBackend(settings.triton_url, settings.served_model_name, settings.timeout_s)
     metrics = Metrics()
@@ -238,14 +253,11 @@ def create_app(settings: Settings) -> FastAPI:
             head = _sse(
                 schema.chunk(id_, model, created, {"role": "assistant", "content": ""}, include_usage=include_usage)
             )
+            content = _ContentEvents(id_, model, created, include_usage)
             text = first
             while True:
                 if text or head:
-                    yield head + (
-                        _sse(schema.chunk(id_, model, created, {"content": text}, include_usage=include_usage))
-                        if text
-                        else ""
-                    )
+                    yield head + (content(text) if text else "")
                     head = ""
                 try:
                     text = await deltas.__anext__()

@@ -6,8 +6,9 @@
 Per concurrency level the same request (an image and a question, greedy, streamed) goes through
 both paths in alternating rounds of `concurrency` parallel requests: directly to `mgm_bls` over gRPC
 streaming (the async client the OpenAI server itself uses) and through POST /v1/chat/completions
-(SSE). It reports client-side TTFT (first answer text), inter-token latency, request latency and
-output throughput, and the p50 TTFT overhead of the OpenAI path against its target (5 ms + 5 %).
+(SSE, read with aiohttp, the HTTP client of AIPerf and genai-perf). It reports client-side TTFT
+(first answer text), inter-token latency, request latency and output throughput, and the p50 TTFT
+overhead of the OpenAI path against its target (5 ms + 5 %).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 from client.openai_api.mapping import to_mgm
@@ -88,12 +90,13 @@ async def one_grpc(backend: TritonBackend, variant, tensors) -> Sample:
     return _sample(start, first, last, tokens)
 
 
-async def one_openai(http: httpx.AsyncClient, url: str, body: dict) -> Sample:
+async def one_openai(http: aiohttp.ClientSession, url: str, body: dict) -> Sample:
     start, first, last, tokens = time.perf_counter(), None, None, 0
-    async with http.stream("POST", url, json=body) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}")
-        async for line in resp.aiter_lines():
+    async with http.post(url, json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for raw in resp.content:  # one SSE line at a time
+            line = raw.decode().rstrip("\n")
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -141,7 +144,8 @@ async def run(
     variant = await backend.resolve(model)
     chat_url = f"{openai_url.rstrip('/')}/v1/chat/completions"
     results = {}
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=64)) as http:
         paths = {
             "grpc": lambda: one_grpc(backend, variant, tensors),
             "openai": lambda: one_openai(http, chat_url, body),
