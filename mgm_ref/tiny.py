@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from mgm_ref.config import FAMILY_TO_ARCH, MGMConfig
+from mgm_ref.constants import CLIP_VIT_L_336, CONVNEXT_LARGE
 from mgm_ref.conversation import LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM
 from mgm_ref.loader import vision_to_official_key
 from mgm_ref.vision import MGMVisionEncoder
@@ -183,14 +184,18 @@ def build_tokenizer(template: str) -> PreTrainedTokenizerFast:
 
 
 def tiny_config_dict(
-    llm: str = "llama", hd: bool = False, template: str | None = None
+    llm: str = "llama", hd: bool = False, template: str | None = None, vision: str = "tiny"
 ) -> tuple[dict[str, Any], PreTrainedTokenizerFast]:
+    """`vision="real"`: the real CLIP ViT-L/14-336 and ConvNeXt-L towers (random weights) in front of the
+    tiny LLM, for benchmarks where the vision cost must be that of a real checkpoint."""
+    if vision not in ("tiny", "real"):
+        raise ValueError(f"vision must be tiny or real, got {vision!r}")
     template = template or DEFAULT_TEMPLATE[llm]
     if template not in FAMILY_TEMPLATES[llm]:
         raise ValueError(f"template {template!r} does not belong to {llm} (choose from {FAMILY_TEMPLATES[llm]})")
     tokenizer = build_tokenizer(template)
     sizes = LLM_SIZES[llm]
-    return {
+    raw = {
         "architectures": [FAMILY_TO_ARCH[llm]],
         "model_type": MODEL_TYPES[llm],
         **sizes,
@@ -228,7 +233,11 @@ def tiny_config_dict(
         "tokenizer_model_max_length": 4096 if hd else 2048,
         "mm_vision_tower_config": CLIP_TINY,
         "mm_vision_tower_aux_config": CONVNEXT_TINY,
-    }, tokenizer
+    }
+    if vision == "real":  # no tower blocks: MGMConfig's defaults are the real towers
+        del raw["mm_vision_tower_config"], raw["mm_vision_tower_aux_config"]
+        raw.update(mm_hidden_size=CLIP_VIT_L_336["hidden_size"], mm_hidden_size_aux=sum(CONVNEXT_LARGE["dims"]))
+    return raw, tokenizer
 
 
 def _bf16_exact(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -249,9 +258,9 @@ def _bf16_exact(module: torch.nn.Module, generator: torch.Generator) -> None:
             p.copy_(p.to(torch.bfloat16).float())
 
 
-def build_tiny(llm: str = "llama", hd: bool = False, seed: int = 0, template: str | None = None):
+def build_tiny(llm: str = "llama", hd: bool = False, seed: int = 0, template: str | None = None, vision: str = "tiny"):
     """In-memory (config dict, tokenizer, MGMConfig, vision encoder, LLM), fp32 with bf16-exact weights."""
-    raw, tokenizer = tiny_config_dict(llm, hd, template)
+    raw, tokenizer = tiny_config_dict(llm, hd, template, vision)
     config = MGMConfig.from_dict(raw)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -296,12 +305,13 @@ def write_tiny_checkpoint(
     seed: int = 0,
     template: str | None = None,
     shards: int = 2,
+    vision: str = "tiny",
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw, tokenizer, _, vision, model = build_tiny(llm, hd, seed, template)
+    raw, tokenizer, _, encoder, model = build_tiny(llm, hd, seed, template, vision)
     (out / "config.json").write_text(json.dumps(raw, indent=2))
-    save_sharded(official_state_dict(vision, model), out, shards)
+    save_sharded(official_state_dict(encoder, model), out, shards)
     tokenizer.save_pretrained(out)
     return out
 

@@ -6,6 +6,7 @@
     mgm-bench llm_engine [--size tiny|7b]                # in-flight batching engine vs HF generate
     mgm-bench llm_build --out DIR                        # wall time and peak memory of mgm-build llm
     mgm-bench openai --triton_url H:P --openai_url URL   # OpenAI front door overhead vs direct gRPC
+    mgm-bench multiturn [--vision_size tiny|7b]          # image-feature cache + prefix KV reuse, on vs off
 
 Input errors exit with status 2 and one line on stderr (--debug adds the traceback); `serve` exits 0
 when every run produced numbers, whether or not the targets were met.
@@ -26,6 +27,7 @@ OWN_PARSERS = {
     "llm_engine": ("client.bench.llm_engine", "LLM serving engine (in-flight batching) vs HF generate"),
     "llm_build": ("client.bench.llm_build", "wall time and peak memory of `mgm-build llm` per qformat"),
     "openai": ("client.openai_api.bench", "OpenAI endpoint vs direct Triton gRPC: TTFT, ITL, throughput"),
+    "multiturn": ("client.bench.multiturn", "multi-turn chats about one image: TTFT per turn, caches on vs off"),
 }
 
 
