@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one answer may take")
     p.add_argument("--log_level", default="warning")
+    p.add_argument(
+        "--loop", choices=("auto", "asyncio", "uvloop"), default="auto", help="event loop (auto: uvloop if installed)"
+    )
     return p
 
 
@@ -336,6 +339,11 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     uvicorn.run(
-        create_app(settings_from(args)), host=args.host, port=args.port, log_level=args.log_level, access_log=False
+        create_app(settings_from(args)),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=False,
+        loop=args.loop,
     )
     return 0
