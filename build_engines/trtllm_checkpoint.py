@@ -26,13 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mgm_ref.errors import CheckpointError
+
 FP8_MAX = 448.0
 COLUMN = ("attention.qkv", "mlp.fc", "mlp.gate")  # output features split across tp ranks
 ROW = ("attention.dense", "mlp.proj")  # input features split across tp ranks
 _LAYER_RE = re.compile(r"^transformer\.layers\.(\d+)\.(.+)$")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(CheckpointError):
     """The folder is not a TensorRT-LLM checkpoint this module understands."""
 
 

@@ -432,3 +432,10 @@ def test_calibration_truncates_the_spliced_sequence(tiny_checkpoints):
     llm_calib.make_forward_loop(calib)(model.llm)
     handle.remove()
     assert seen == [100, 100]
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_a_user_error(tmp_path):
+    from mgm_ref.errors import MGMError
+
+    with pytest.raises(MGMError, match="no config.json"):  # the CLIs print MGMErrors as one line, no traceback
+        C.read_config(tmp_path)
