@@ -13,6 +13,7 @@ import json
 import string
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -129,18 +130,27 @@ class InferenceRequest:
 
 
 class Metric:
-    """One labelled series; like the real one, a counter only goes up and only a gauge can be set."""
+    """One labelled series. Like the real one: a counter only goes up, only a gauge can be set, and
+    the family must outlive its metrics (the metric does not keep it alive)."""
 
     def __init__(self, family: MetricFamily, labels: dict[str, str]):
-        self.family, self.labels, self._value = family, dict(labels), 0.0
+        self._family, self.labels, self._value = weakref.ref(family), dict(labels), 0.0
+
+    def family(self) -> MetricFamily:
+        family = self._family()
+        if family is None:
+            raise RuntimeError(
+                "Failed to set metric value: Invalid metric operation as the corresponding 'MetricFamily' has been deleted"
+            )
+        return family
 
     def increment(self, value: float) -> None:
-        if self.family.kind == MetricFamily.COUNTER and value < 0:
+        if self.family().kind == MetricFamily.COUNTER and value < 0:
             raise ValueError("a counter cannot go down")
         self._value += value
 
     def set(self, value: float) -> None:
-        if self.family.kind != MetricFamily.GAUGE:
+        if self.family().kind != MetricFamily.GAUGE:
             raise ValueError("only a gauge can be set")
         self._value = float(value)
 
@@ -164,8 +174,8 @@ class MetricFamily:
         return self.series.setdefault(key, Metric(self, labels or {}))
 
 
-# metric name -> family, as the server would list them on its metrics port
-metric_families: dict[str, MetricFamily] = {}
+# metric name -> the live family of that name, as the server would list them on its metrics port
+metric_families: weakref.WeakValueDictionary[str, MetricFamily] = weakref.WeakValueDictionary()
 
 
 def metric_value(name: str, **labels) -> float:

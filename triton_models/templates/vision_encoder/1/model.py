@@ -31,11 +31,12 @@ class CacheMetrics:
     """The cache's stats as metrics of this model instance (counters advance by the stats' deltas)."""
 
     def __init__(self, labels: dict[str, str]):
-        self.metrics = {}
+        self.families, self.metrics = [], {}
         for name, (kind, description, field) in CACHE_METRICS.items():
             family = pb_utils.MetricFamily(
                 name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
             )
+            self.families.append(family)  # a family must outlive its metrics (the backend checks)
             self.metrics[field] = (kind, family.Metric(labels=labels))
         self.reported = {field: 0 for field in self.metrics}
 
