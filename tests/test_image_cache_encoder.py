@@ -138,3 +138,55 @@ def test_threads_using_one_encoder_get_their_own_images(tiny):
         t.join()
     assert all(np.array_equal(f, want[(t + s) % len(IMAGES)]) for (t, s), f in got.items())
     assert shared.cache.stats().entries == len(IMAGES)
+
+
+def test_a_hit_costs_a_fraction_of_a_miss_through_the_vision_encoder_model(tiny, monkeypatch):
+    """vision_encoder's execute() for one request, miss (a new image) vs hit (the same one again);
+    prints the times (`pytest tests/test_image_cache_encoder.py -k fraction -s`)."""
+    import json
+    import time
+
+    from tests import triton_stub as tb
+
+    ckpt, art, _ = tiny
+    cfg = json.loads((art / "config.json").read_text())
+    tb.install(monkeypatch)
+    values = dict(
+        triton_max_batch_size=8,
+        max_queue_delay_microseconds=1000,
+        model_dir=ckpt,
+        hidden_size=cfg["hidden_size"],
+        vision_dir=art,
+        vision_threads=2,
+        vision_instances=1,
+        prompt_table_type="TYPE_FP32",
+        image_cache_mb=512,
+    )
+    model = tb.load_model("vision_encoder").TritonPythonModel()
+    model.initialize(tb.args_for(tb.model_config("vision_encoder", **values)))
+
+    def request(raw: bytes):
+        return tb.Request(
+            {"IMAGE_BYTES": np.frombuffer(raw, np.uint8)[None], "IMAGE_BYTE_SIZES": np.array([[len(raw)]], np.int32)}
+        )
+
+    def timed(raw: bytes) -> tuple[float, float, np.ndarray]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        (out,) = model.execute([request(raw)])
+        assert not out.has_error(), out.error().message()
+        return time.perf_counter() - wall, time.process_time() - cpu, out.output("OUT_PROMPT_EMBEDDING_TABLE")
+
+    images = [png(random_image(640, 480, seed=100 + k)) for k in range(5)]
+    timed(png(random_image(64, 64, seed=99)))  # warm-up run
+    misses = [timed(raw) for raw in images]
+    hits = [timed(raw) for raw in images]
+    assert all(np.array_equal(h[2], m[2]) for h, m in zip(hits, misses, strict=True))
+    miss_wall, miss_cpu = (float(np.median([m[i] for m in misses])) for i in (0, 1))
+    hit_wall, hit_cpu = (float(np.median([h[i] for h in hits])) for i in (0, 1))
+    print(
+        f"\nvision_encoder per request ({'HD' if '2880' in str(hits[0][2].shape) else 'normal'}, "
+        f"{len(images[0])} B PNG 640x480, table {hits[0][2].shape}): miss {miss_wall * 1e3:.1f} ms wall "
+        f"{miss_cpu * 1e3:.1f} ms CPU, hit {hit_wall * 1e3:.2f} ms wall {hit_cpu * 1e3:.2f} ms CPU, "
+        f"ratio {miss_wall / hit_wall:.0f}x wall, {miss_cpu / max(hit_cpu, 1e-6):.0f}x CPU"
+    )
+    assert hit_wall * 5 < miss_wall

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -10,7 +11,7 @@ import pytest
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import ContractError, read_llm_contract
 from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
-from triton_models.repo_builder import DEFAULT_IMAGE_CACHE_MB, build_repo
+from triton_models.repo_builder import DEFAULT_IMAGE_CACHE_MB, add_repo_arguments, build_repo, run_repo_build
 
 
 def configs(repo):
@@ -58,7 +59,11 @@ def test_gpu_repo_uses_tensorrtllm_and_the_engine_vocab_offset(tiny_checkpoints,
 def test_image_cache_budget_reaches_vision_encoder(tiny_checkpoints, tmp_path):
     ckpt = tiny_checkpoints("llama")
     fake_vision(tmp_path / "eng", ckpt, "onnxruntime", dtype="float32")
-    texts = configs(build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", image_cache_mb=0))
+    args = add_repo_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model_dir", str(ckpt), "--engine_dir", str(tmp_path / "eng"), "--output_dir", str(tmp_path / "repo")]
+        + ["--image_cache_mb", "0"]
+    )
+    texts = configs(run_repo_build(args))
     assert '"image_cache_mb" value: { string_value: "0" }' in texts["vision_encoder"]
     with pytest.raises(ValueError, match="image_cache_mb"):
         build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", image_cache_mb=-1)

@@ -167,7 +167,7 @@ def template_values(
         "vision_instances": 1,
         "prompt_table_type": contract.prompt_table_type,
         "vocab_offset": contract.vocab_offset,
-        "image_cache_mb": image_cache_mb,
+        "image_cache_mb": int(image_cache_mb) if float(image_cache_mb).is_integer() else image_cache_mb,
         **extra_ids_values(llm_takes_extra_ids),
     }
     if contract.runtime == "pytorch":
