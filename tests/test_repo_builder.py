@@ -158,3 +158,15 @@ def test_cpu_repo_gets_as_many_images_as_fit_and_the_engine_formula(tiny_checkpo
     c = read_llm_contract(repo / "tensorrt_llm" / "contract.json")
     assert c.max_images_per_request == min(4, (cfg.max_length - 1) // cfg.tokens_per_image) == 3
     assert c.max_seq_len == c.max_input_len + 512 and c.dtype == "float32" and c.max_batch_size == 8
+
+
+def test_a_vision_artifact_for_other_pixel_sizes_is_refused(tiny_checkpoints, tmp_path):
+    """vision_encoder makes the pixels from the checkpoint's config, so the artifact must take those."""
+    ckpt = tiny_checkpoints("llama")
+    fake_vision(tmp_path / "eng", ckpt, "onnxruntime", dtype="float32")
+    path = tmp_path / "eng" / "vision" / "config.json"
+    art = json.loads(path.read_text())
+    art["inputs"][1]["per_image_shape"] = [3, 512, 512]
+    path.write_text(json.dumps(art))
+    with pytest.raises(CheckpointError, match=r"images_aux \[3, 512, 512\].*rebuild the vision engine"):
+        build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")

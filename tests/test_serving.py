@@ -124,6 +124,7 @@ def test_eight_concurrent_clients_get_their_own_answers(llama):
     [
         (dict(images=[b"not an image at all"]), "cannot decode the image"),
         (dict(images=[solid(1, 1)]), "at least 4 pixels"),
+        (dict(images=[IMAGE[: len(IMAGE) // 2]]), "cannot decode the image"),  # found by vision_encoder
         (dict(images=[solid(20000, 10)]), "padded to a 20000x20000 square"),
         (dict(prompt="   "), "the prompt is empty"),
         (dict(prompt="<image> and <image>"), "2 <image> tags but 1 images"),

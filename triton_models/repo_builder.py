@@ -76,6 +76,14 @@ def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> Vision
             f"{path}: built for {art.tokens_per_image} tokens x {art.hidden_size} hidden, but the checkpoint "
             f"needs {config.tokens_per_image} x {config.hidden_size}: rebuild the vision engine"
         )
+    # vision_encoder makes the pixels from the checkpoint's config: the artifact must take those shapes
+    side, aux = config.lr_size, config.image_size_aux
+    lr = (config.views_per_image, 3, side, side) if config.hd else (3, side, side)
+    if (art.images_shape, art.images_aux_shape) != (lr, (3, aux, aux)):
+        raise CheckpointError(
+            f"{path}: takes images {list(art.images_shape)} and images_aux {list(art.images_aux_shape)}, but the "
+            f"checkpoint's pixels are {list(lr)} and {[3, aux, aux]}: rebuild the vision engine"
+        )
     return art
 
 
@@ -144,12 +152,12 @@ def template_values(
     model_dir: Path,
     engine_dir: Path,
     contract: LLMContract,
-    vision: VisionContract,
     instances: int,
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
     llm_takes_extra_ids: bool = False,
 ) -> dict[str, object]:
-    """Every template value, read from the two contracts (never recomputed here)."""
+    """Every template value, read from the LLM contract (never recomputed here); the vision artifact's
+    shapes are checked against the checkpoint by `vision_contract`."""
     if image_cache_mb < 0:
         raise ValueError(f"--image_cache_mb must be >= 0 (0 turns the cache off), got {image_cache_mb}")
     values = {
@@ -213,7 +221,7 @@ def build_repo(
         raise ValueError(f"--backend must be one of {sorted(MODELS)}, got {backend!r}")
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
     config = MGMConfig.from_model_dir(model_dir)
-    vision = vision_contract(engine_dir, backend, config)
+    vision_contract(engine_dir, backend, config)
     limits = dict(
         max_batch_size=max_batch_size,
         max_input_len=max_input_len,
@@ -228,7 +236,7 @@ def build_repo(
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
     takes_extra_ids = llm_declares(texts["tensorrt_llm"], EXTRA_IDS_INPUT)
-    values = template_values(model_dir, engine_dir, contract, vision, instances, image_cache_mb, takes_extra_ids)
+    values = template_values(model_dir, engine_dir, contract, instances, image_cache_mb, takes_extra_ids)
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
