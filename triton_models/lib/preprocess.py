@@ -115,10 +115,10 @@ class Preprocessor:
         keys = [image_key(blob, self.pixel_config) for blob in images]
         token_ids = np.asarray(input_ids, np.int32)
         extra = prompt_table_extra_ids(token_ids, self.vocab_offset, self.config.tokens_per_image, keys)
-        blob = np.frombuffer(b"".join(images), np.uint8)
+        packed = np.frombuffer(b"".join(images), np.uint8)
         sizes = np.array([len(b) for b in images], np.int32)
         end_id, stop_words = self.stop_words(conv_mode)
-        return ModelInputs(token_ids, blob, sizes, extra, end_id, stop_words)
+        return ModelInputs(token_ids, packed, sizes, extra, end_id, stop_words)
 
     def expand_image_tokens(self, ids: list[int]) -> list[int]:
         """Each -200 -> the next T fake ids; ids count on across images, as the prompt table is flat."""
