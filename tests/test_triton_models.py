@@ -145,6 +145,19 @@ def test_ensemble_config_takes_every_postprocessing_input_from_tensorrt_llm(llam
     assert {i["name"] for i in config["input"]} <= used  # Triton also refuses an unused ensemble input
 
 
+@pytest.mark.parametrize("llm_takes_extra_ids", [True, False])
+def test_ensemble_steps_use_only_tensors_their_models_declare(llama_dir, llm_takes_extra_ids):
+    vals = values(llama_dir, **extra_ids_values(llm_takes_extra_ids))
+    config = tb.model_config("ensemble", **vals)
+    templates = {"tensorrt_llm": "tensorrt_llm_cpu"}
+    for step in config["ensemble_scheduling"]["step"]:
+        model = tb.model_config(templates.get(step["model_name"], step["model_name"]), **vals)
+        assert set(step["input_map"]) <= {i["name"] for i in model["input"]}, step["model_name"]
+        assert set(step["output_map"]) <= {o["name"] for o in model["output"]}, step["model_name"]
+    llm = next(s for s in config["ensemble_scheduling"]["step"] if s["model_name"] == "tensorrt_llm")
+    assert ("prompt_table_extra_ids" in llm["input_map"]) == llm_takes_extra_ids
+
+
 # ---- vision encoder ---------------------------------------------------------------------------------
 def fake_artifact(monkeypatch, cfg, tokens=3, max_batch_size=4):
     """The vision artifact replaced by a function of the pixels (each row: the image's mean LR pixel
@@ -373,6 +386,12 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     generations = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" not in i]
     stops = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" in i]
     assert sorted(stops) == sorted(generations) and len(set(stops)) == 2 and all(stops)
+    # the image keys go on to tensorrt_llm (this repository's tensorrt_llm declares the input)
+    assert all(
+        i["prompt_table_extra_ids"].dtype == np.uint64
+        for m, i in tb.bls_calls
+        if m == "tensorrt_llm" and "stop" not in i
+    )
     streamed = [r.output("text_output")[0, 0].decode() for r in reqs[0].sender.responses()]
     assert "".join(streamed).strip() == "Blue sky." and not streamed[0][0].isspace() and len(streamed) > 2
     whole = reqs[1].sender.responses()
@@ -412,7 +431,8 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
         ),
         tensorrt_llm=llm,
     )
-    model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
+    # a tensorrt_llm without prompt_table_extra_ids: the BLS must not send it
+    model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir, **extra_ids_values(False))))
     req = tb.Request(
         {"text_input": text("Colour?"), "max_tokens": np.array([[20]], np.int32), "conv_mode": text("chatml_direct")}
     )
@@ -422,4 +442,5 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
         model.finalize()
     ((response, flags),) = req.sender.sent
     assert flags == tb.FINAL and not response.has_error()
+    assert not any("prompt_table_extra_ids" in i for m, i in tb.bls_calls if m == "tensorrt_llm")
     assert response.output("text_output")[0, 0].decode() == "Red."
