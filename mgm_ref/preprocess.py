@@ -22,6 +22,9 @@ from mgm_ref.constants import CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PI
 from mgm_ref.errors import ImageError
 
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
+# CLIPImageProcessor guesses the channel axis from the array's shape: a padded square of side 1 or 3
+# reads as channels-first (an error for 1, silently wrong pixels for 3), so smaller squares are refused.
+MIN_IMAGE_SIDE = 4
 
 
 def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -54,6 +57,53 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_I
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode the image: {e}") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def padded_side(self) -> int:
+        """Side of the square `expand2square` pads the image to (what the towers' resize starts from)."""
+        return max(self.width, self.height)
+
+
+def inspect_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageHeader:
+    """Check encoded image bytes from their header alone (PIL opens lazily: nothing is decoded).
+
+    The pixel limit applies to the padded square, the largest buffer preprocessing allocates: a
+    20000x10 image becomes a 20000x20000 canvas. Bad input raises ImageError.
+    """
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"the image is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            header = ImageHeader(image.format or "unknown", *image.size)
+    except Image.DecompressionBombError as e:  # PIL's own, larger bound; ours says what the limit is
+        raise ImageError(f"the image is too large: {e}; the limit is {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"cannot decode the image: {e}") from None
+    side = header.padded_side
+    if min(header.width, header.height) < 1:
+        raise ImageError(f"the image has no pixels ({header.width}x{header.height})")
+    if side < MIN_IMAGE_SIDE:
+        raise ImageError(
+            f"the image is {header.width}x{header.height} pixels; "
+            f"images must be at least {MIN_IMAGE_SIDE} pixels wide or high"
+        )
+    if side * side > max_pixels:
+        raise ImageError(
+            f"the image is {header.width}x{header.height}, padded to a {side}x{side} square = {side * side} "
+            f"pixels; the limit is {max_pixels}"
+        )
+    return header
 
 
 def expand2square(image: Image.Image, background=PAD_COLOR) -> Image.Image:

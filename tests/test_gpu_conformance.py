@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from build_engines import trtllm as T
 from mgm_ref.errors import PromptError
 from mgm_runtime.contract import read_llm_contract
+from tests import triton_stub
 from tests import upstream_facts as F
 from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
 from triton_models.repo_builder import build_repo
@@ -162,7 +163,7 @@ def test_preprocessing_ids_address_rows_of_this_request_only(gpu_repo, images):
     fake = out.input_ids[out.input_ids >= built.vocab_offset]
     # every request's fake ids restart at the offset (one table per request in the executor)
     assert fake.tolist() == list(range(built.vocab_offset, built.vocab_offset + images * built.tokens_per_image))
-    assert len(fake) <= built.rows_per_request and out.images.shape[0] == images
+    assert len(fake) <= built.rows_per_request and out.image_sizes.shape[0] == images
     with pytest.raises(PromptError, match="at most 3"):
         pre("describe", [png(i) for i in range(4)])
 
@@ -195,6 +196,7 @@ def fake_pb(monkeypatch):
     pb.triton_string_to_numpy = {"TYPE_FP16": np.float16, "TYPE_FP32": np.float32}.__getitem__
     pb.get_output_config_by_name = lambda cfg, name: next(o for o in cfg["output"] if o["name"] == name)
     pb.get_output_tensor_by_name = lambda resp, name: resp.get(name)
+    pb.MetricFamily = triton_stub.MetricFamily  # vision_encoder's cache metrics
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     return pb
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -10,7 +11,7 @@ import pytest
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import ContractError, read_llm_contract
 from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
-from triton_models.repo_builder import build_repo
+from triton_models.repo_builder import DEFAULT_IMAGE_CACHE_MB, add_repo_arguments, build_repo, run_repo_build
 
 
 def configs(repo):
@@ -25,7 +26,12 @@ def test_cpu_repo_is_complete(tiny_checkpoints, tmp_path):
     assert sorted(texts) == ["ensemble", "mgm_bls", "postprocessing", "preprocessing", "tensorrt_llm", "vision_encoder"]
     assert not any("${" in t for t in texts.values())
     assert 'backend: "python"' in texts["tensorrt_llm"] and "max_batch_size: 4" in texts["tensorrt_llm"]
-    assert "dims: [ -1, 5, 3, 336, 336 ]" in texts["vision_encoder"]
+    # images reach vision_encoder encoded; its feature cache has the default budget
+    assert 'name: "IMAGE_BYTES", data_type: TYPE_UINT8' in texts["vision_encoder"]
+    assert f'"image_cache_mb" value: {{ string_value: "{DEFAULT_IMAGE_CACHE_MB}" }}' in texts["vision_encoder"]
+    # the CPU LLM declares prompt_table_extra_ids, so the ensemble and the BLS pass the image keys on
+    assert 'input_map { key: "prompt_table_extra_ids" value: "_PROMPT_TABLE_EXTRA_IDS" }' in texts["ensemble"]
+    assert '"llm_takes_extra_ids" value: { string_value: "true" }' in texts["mgm_bls"]
     assert f'"vocab_offset" value: {{ string_value: "{cfg.vocab_size}" }}' in texts["preprocessing"]
     assert (repo / "ensemble" / "1").is_dir() and (repo / "tensorrt_llm" / "1" / "model.py").is_file()
 
@@ -44,6 +50,23 @@ def test_gpu_repo_uses_tensorrtllm_and_the_engine_vocab_offset(tiny_checkpoints,
         "data_type: TYPE_FP16" in texts["vision_encoder"] and not (tmp_path / "repo/tensorrt_llm/1/model.py").exists()
     )
     assert '"vocab_offset" value: { string_value: "1088" }' in texts["preprocessing"]
+    # this GPU template does not declare prompt_table_extra_ids (yet): nothing may map to it
+    if 'name: "prompt_table_extra_ids"' not in texts["tensorrt_llm"]:
+        assert 'prompt_table_extra_ids" value' not in texts["ensemble"]
+        assert '"llm_takes_extra_ids" value: { string_value: "false" }' in texts["mgm_bls"]
+
+
+def test_image_cache_budget_reaches_vision_encoder(tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints("llama")
+    fake_vision(tmp_path / "eng", ckpt, "onnxruntime", dtype="float32")
+    args = add_repo_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model_dir", str(ckpt), "--engine_dir", str(tmp_path / "eng"), "--output_dir", str(tmp_path / "repo")]
+        + ["--image_cache_mb", "0"]
+    )
+    texts = configs(run_repo_build(args))
+    assert '"image_cache_mb" value: { string_value: "0" }' in texts["vision_encoder"]
+    with pytest.raises(ValueError, match="image_cache_mb"):
+        build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", image_cache_mb=-1)
 
 
 def test_the_offset_mgm_build_llm_records_reaches_preprocessing(tiny_checkpoints, tmp_path):
@@ -135,3 +158,15 @@ def test_cpu_repo_gets_as_many_images_as_fit_and_the_engine_formula(tiny_checkpo
     c = read_llm_contract(repo / "tensorrt_llm" / "contract.json")
     assert c.max_images_per_request == min(4, (cfg.max_length - 1) // cfg.tokens_per_image) == 3
     assert c.max_seq_len == c.max_input_len + 512 and c.dtype == "float32" and c.max_batch_size == 8
+
+
+def test_a_vision_artifact_for_other_pixel_sizes_is_refused(tiny_checkpoints, tmp_path):
+    """vision_encoder makes the pixels from the checkpoint's config, so the artifact must take those."""
+    ckpt = tiny_checkpoints("llama")
+    fake_vision(tmp_path / "eng", ckpt, "onnxruntime", dtype="float32")
+    path = tmp_path / "eng" / "vision" / "config.json"
+    art = json.loads(path.read_text())
+    art["inputs"][1]["per_image_shape"] = [3, 512, 512]
+    path.write_text(json.dumps(art))
+    with pytest.raises(CheckpointError, match=r"images_aux \[3, 512, 512\].*rebuild the vision engine"):
+        build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")

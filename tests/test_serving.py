@@ -31,6 +31,28 @@ IMAGE = png(random_image(480, 320, seed=11))
 QUESTION = "What is in the picture?"
 
 
+def solid(width: int, height: int) -> bytes:
+    from PIL import Image
+
+    return png(Image.new("RGB", (width, height), (9, 99, 199)))
+
+
+def cache_metric(server, name: str, model: str = "vision_encoder") -> float:
+    """One of vision_encoder's image-cache metrics, as the metrics port reports it."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {name} for {model} on {server.metrics_url}")
+
+
+def cache_counts(server) -> tuple[float, float]:
+    return cache_metric(server, "mgm_image_cache_hits_total"), cache_metric(server, "mgm_image_cache_misses_total")
+
+
 def test_bls_grpc_greedy_matches_reference(llama):
     text, n = llama.expected(QUESTION, [IMAGE])
     for stream in (False, True):
@@ -65,6 +87,27 @@ def test_text_only_multi_image_and_history(llama):
     assert (answer.text, answer.output_tokens) == (text, n_tokens)
 
 
+def test_a_chat_about_one_image_computes_its_features_once(llama):
+    """Turns 1..4 of a chat re-send the image: one miss, then hits, each answer mgm_ref's."""
+    image = png(random_image(350, 260, seed=31))  # sent by no other test
+    hits, misses = cache_counts(llama.server)
+    history: list[tuple[str, str]] = []
+    for turn, (question, model) in enumerate(
+        [(QUESTION, "mgm_bls"), ("And the colours?", "ensemble"), ("Anything else?", "mgm_bls"), ("Why?", "mgm_bls")]
+    ):
+        text, n = llama.expected(question, [image], max_tokens=MAX_TOKENS, history=history or None)
+        answer = llama.client(model=model).generate(question, [image], max_tokens=MAX_TOKENS, history=history)
+        assert answer.text.strip() == text, turn
+        history.append((question, answer.text))
+    assert cache_counts(llama.server) == (hits + 3, misses + 1)
+    # the same image twice in one request: no new miss, and mgm_ref's answer for two copies
+    text, _ = llama.expected("Compare <image> with <image>.", [image, image])
+    assert llama.client().generate("Compare <image> with <image>.", [image, image], max_tokens=MAX_TOKENS).text == text
+    assert cache_counts(llama.server)[1] == misses + 1
+    held = cache_metric(llama.server, "mgm_image_cache_bytes")
+    assert 0 < held <= cache_metric(llama.server, "mgm_image_cache_budget_bytes")
+
+
 def test_eight_concurrent_clients_get_their_own_answers(llama):
     jobs = [
         (f"Question number {k}: what is in the picture?", [png(random_image(300 + 20 * k, 240, seed=k))])
@@ -80,6 +123,9 @@ def test_eight_concurrent_clients_get_their_own_answers(llama):
     "kwargs,message",
     [
         (dict(images=[b"not an image at all"]), "cannot decode the image"),
+        (dict(images=[solid(1, 1)]), "at least 4 pixels"),
+        (dict(images=[IMAGE[: len(IMAGE) // 2]]), "cannot decode the image"),  # found by vision_encoder
+        (dict(images=[solid(20000, 10)]), "padded to a 20000x20000 square"),
         (dict(prompt="   "), "the prompt is empty"),
         (dict(prompt="<image> and <image>"), "2 <image> tags but 1 images"),
         (dict(prompt="word " * 3000), "max_input_len"),
@@ -174,5 +220,8 @@ def test_hd_parity(tiny_checkpoints, tmp_path_factory):
         text, n = served.expected(QUESTION, [IMAGE])
         answer = served.client().generate(QUESTION, [IMAGE], max_tokens=MAX_TOKENS)
         assert answer.text == text and answer.output_tokens == n
+        hits = cache_counts(served.server)[0]
+        again = served.client(model="ensemble").generate(QUESTION, [IMAGE], max_tokens=MAX_TOKENS)
+        assert again.text == text and cache_counts(served.server)[0] == hits + 1
         with pytest.raises(ClientError, match="at most 1"):
             served.client().generate("Compare.", [IMAGE, IMAGE], max_tokens=2)

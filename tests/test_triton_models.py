@@ -13,6 +13,7 @@ from mgm_ref.loader import load_tokenizer
 from tests import triton_stub as tb
 from tests.helpers.images import png, random_image
 from triton_models.lib.triton_io import ModelConfigError
+from triton_models.repo_builder import extra_ids_values
 
 
 @pytest.fixture
@@ -31,8 +32,6 @@ def values(model_dir, **extra):
         triton_max_batch_size=8,
         max_queue_delay_microseconds=1000,
         model_dir=model_dir,
-        lr_dims="-1, 3, 336, 336",
-        image_size_aux=config.image_size_aux,
         hidden_size=config.hidden_size,
         max_input_len=2048,
         max_seq_len=3072,
@@ -46,6 +45,8 @@ def values(model_dir, **extra):
         max_active_requests=4,
         llm_threads=1,
         vocab_offset=config.vocab_size,
+        image_cache_mb=64,
+        **extra_ids_values(True),
     )
     out.update(extra)
     return out
@@ -102,7 +103,12 @@ def test_preprocessing_model_answers_each_request_alone(stub, llama_dir):
     assert "max_seq_len" in out[2].error().message()
     ids = out[0].output("INPUT_ID")
     assert ids.dtype == np.int32 and out[0].output("REQUEST_INPUT_LEN").tolist() == [[ids.shape[1]]]
-    assert out[0].output("IMAGES").shape == (1, 1, 3, 336, 336)
+    # the image leaves still encoded: its bytes and byte count, nothing decoded
+    assert out[0].output("IMAGE_BYTES").tobytes() == image.tobytes()
+    assert out[0].output("IMAGE_BYTE_SIZES").tolist() == [[image.size]]
+    extra = out[0].output("PROMPT_TABLE_EXTRA_IDS")
+    assert extra.dtype == np.uint64 and extra.shape == ids.shape
+    assert ((extra != 0) == (ids >= MGMConfig.from_model_dir(llama_dir).vocab_size)).all()
     assert out[0].output("STOP_WORDS_IDS").shape[:2] == (1, 2)
 
 
@@ -139,41 +145,86 @@ def test_ensemble_config_takes_every_postprocessing_input_from_tensorrt_llm(llam
     assert {i["name"] for i in config["input"]} <= used  # Triton also refuses an unused ensemble input
 
 
-# ---- vision encoder -------------------------------------------------------------------------------
-def test_vision_encoder_splits_one_batched_run_per_request(stub, llama_dir, monkeypatch):
+@pytest.mark.parametrize("llm_takes_extra_ids", [True, False])
+def test_ensemble_steps_use_only_tensors_their_models_declare(llama_dir, llm_takes_extra_ids):
+    vals = values(llama_dir, **extra_ids_values(llm_takes_extra_ids))
+    config = tb.model_config("ensemble", **vals)
+    templates = {"tensorrt_llm": "tensorrt_llm_cpu"}
+    for step in config["ensemble_scheduling"]["step"]:
+        model = tb.model_config(templates.get(step["model_name"], step["model_name"]), **vals)
+        assert set(step["input_map"]) <= {i["name"] for i in model["input"]}, step["model_name"]
+        assert set(step["output_map"]) <= {o["name"] for o in model["output"]}, step["model_name"]
+    llm = next(s for s in config["ensemble_scheduling"]["step"] if s["model_name"] == "tensorrt_llm")
+    assert ("prompt_table_extra_ids" in llm["input_map"]) == llm_takes_extra_ids
+
+
+# ---- vision encoder ---------------------------------------------------------------------------------
+def fake_artifact(monkeypatch, cfg, tokens=3, max_batch_size=4):
+    """The vision artifact replaced by a function of the pixels (each row: the image's mean LR pixel
+    and its mean HR pixel); returns the list of batch sizes it ran."""
     import triton_models.lib.vision_runner as vr
 
-    cfg = MGMConfig.from_model_dir(llama_dir)
     runs = []
 
-    def fake_runner(images, images_aux):
+    def run(images, images_aux):
         runs.append(images.shape[0])
-        return {
-            "image_features": images[:, :1, 0, :2].reshape(images.shape[0], 1, 2).repeat(1, 3, cfg.hidden_size // 2)
-        }
+        n = images.shape[0]
+        lr = images.reshape(n, -1).mean(1, keepdim=True)
+        hr = images_aux.reshape(n, -1).mean(1, keepdim=True)
+        row = torch.cat([lr, hr], 1).repeat(1, cfg.hidden_size // 2)
+        return {"image_features": row[:, None, :].repeat(1, tokens, 1)}
 
-    monkeypatch.setattr(
-        vr,
-        "load_vision_artifact",
-        lambda d, t: ({"max_batch_size": 4, "tokens_per_image": 3, "hidden_size": cfg.hidden_size}, fake_runner),
-    )
+    info = {"max_batch_size": max_batch_size, "tokens_per_image": tokens, "hidden_size": cfg.hidden_size}
+    monkeypatch.setattr(vr, "load_vision_artifact", lambda d, t: (info, run))
+    return runs
+
+
+def image_request(*images: bytes):
+    blob = np.frombuffer(b"".join(images), np.uint8)
+    return tb.Request({"IMAGE_BYTES": blob[None], "IMAGE_BYTE_SIZES": np.array([[len(b) for b in images]], np.int32)})
+
+
+def test_vision_encoder_decodes_misses_of_a_batch_in_one_run(stub, llama_dir, monkeypatch):
+    from mgm_ref.preprocess import ImageProcessor, load_image
+
+    cfg = MGMConfig.from_model_dir(llama_dir)
+    runs = fake_artifact(monkeypatch, cfg)
     model = start("vision_encoder", tb.model_config("vision_encoder", **values(llama_dir)))
-    aux = cfg.image_size_aux
-
-    def req(n, value):
-        return tb.Request(
-            {
-                "IMAGES": np.full((1, n, 3, 336, 336), value, np.float32),
-                "IMAGES_AUX": np.zeros((1, n, 3, aux, aux), np.float32),
-            }
-        )
-
-    out = model.execute([req(2, 1.0), req(0, 0.0), req(1, 3.0)])
-    assert runs == [3]  # every image of the batch in one run
+    a, b = png(random_image(60, 40, seed=1)), png(random_image(30, 50, seed=2))
+    out = model.execute([image_request(a, b), image_request(), image_request(b)])
+    assert runs == [2]  # the two distinct images of the batch in one run; b once
     tables = [o.output("OUT_PROMPT_EMBEDDING_TABLE") for o in out]
     assert [t.shape for t in tables] == [(1, 6, cfg.hidden_size), (1, 0, cfg.hidden_size), (1, 3, cfg.hidden_size)]
-    assert np.all(tables[0] == 1.0) and np.all(tables[2] == 3.0)
     assert [o.output("OUT_PROMPT_VOCAB_SIZE").tolist() for o in out] == [[[6]], [[0]], [[3]]]
+    # the pixels are mgm_ref's: the fake artifact's rows are their means
+    ref = ImageProcessor(cfg)([load_image(a), load_image(b)])
+    want = torch.stack([ref.images.reshape(2, -1).mean(1), ref.images_aux.reshape(2, -1).mean(1)], 1)
+    got = torch.from_numpy(tables[0][0, ::3, :2])
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(tables[2][0], tables[0][0, 3:])
+    # a second batch with the same images runs nothing
+    out = model.execute([image_request(b, a)])
+    assert runs == [2] and np.array_equal(out[0].output("OUT_PROMPT_EMBEDDING_TABLE")[0, :3], tables[0][0, 3:])
+    labels = dict(model="vision_encoder", version="")
+    assert tb.metric_value("mgm_image_cache_hits_total", **labels) == 2
+    assert tb.metric_value("mgm_image_cache_misses_total", **labels) == 2
+    assert tb.metric_value("mgm_image_cache_entries", **labels) == 2
+    assert tb.metric_value("mgm_image_cache_bytes", **labels) == 2 * 3 * cfg.hidden_size * 4
+    assert tb.metric_value("mgm_image_cache_budget_bytes", **labels) == 64 << 20
+
+
+def test_vision_encoder_fails_only_the_request_with_a_bad_image(stub, llama_dir, monkeypatch):
+    cfg = MGMConfig.from_model_dir(llama_dir)
+    runs = fake_artifact(monkeypatch, cfg)
+    model = start("vision_encoder", tb.model_config("vision_encoder", **values(llama_dir)))
+    good = png(random_image(60, 40, seed=1))
+    broken = good[: len(good) // 2]  # a valid header, truncated pixels: found only when decoding
+    bad_sizes = tb.Request({"IMAGE_BYTES": np.zeros((1, 4), np.uint8), "IMAGE_BYTE_SIZES": np.array([[9]], np.int32)})
+    out = model.execute([image_request(good), image_request(good, broken), bad_sizes])
+    assert not out[0].has_error() and runs == [1]
+    assert "image 2 of 2" in out[1].error().message() and "cannot decode" in out[1].error().message()
+    assert "do not add up" in out[2].error().message()
+    assert model.encoder.cache.stats().entries == 1  # the broken image is not cached
 
 
 # ---- tensorrt_llm (CPU) ---------------------------------------------------------------------------
@@ -282,8 +333,9 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
                 for n in ("INPUT_ID", "REQUEST_INPUT_LEN", "END_ID", "STOP_WORDS_IDS")
             ]
             + [
-                tb.Tensor("IMAGES", np.zeros((1, 0, 3, 336, 336), np.float32)),
-                tb.Tensor("IMAGES_AUX", np.zeros((1, 0, 3, 8, 8), np.float32)),
+                tb.Tensor("IMAGE_BYTES", np.zeros((1, 0), np.uint8)),
+                tb.Tensor("IMAGE_BYTE_SIZES", np.zeros((1, 0), np.int32)),
+                tb.Tensor("PROMPT_TABLE_EXTRA_IDS", np.zeros((1, 2), np.uint64)),
             ]
         )
 
@@ -334,6 +386,12 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     generations = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" not in i]
     stops = [i["request_id"] for m, i in tb.bls_calls if m == "tensorrt_llm" and "stop" in i]
     assert sorted(stops) == sorted(generations) and len(set(stops)) == 2 and all(stops)
+    # the image keys go on to tensorrt_llm (this repository's tensorrt_llm declares the input)
+    assert all(
+        i["prompt_table_extra_ids"].dtype == np.uint64
+        for m, i in tb.bls_calls
+        if m == "tensorrt_llm" and "stop" not in i
+    )
     streamed = [r.output("text_output")[0, 0].decode() for r in reqs[0].sender.responses()]
     assert "".join(streamed).strip() == "Blue sky." and not streamed[0][0].isspace() and len(streamed) > 2
     whole = reqs[1].sender.responses()
@@ -352,7 +410,11 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
             raise RuntimeError("unexpected inference input 'stop'")  # as a backend that lacks it
         return iter([tb.InferenceResponse([tb.Tensor("output_ids", np.array([[[i]]], np.int32))]) for i in ids])
 
-    empty = {"IMAGES": np.zeros((1, 0, 3, 336, 336), np.float32), "IMAGES_AUX": np.zeros((1, 0, 3, 8, 8), np.float32)}
+    empty = {
+        "IMAGE_BYTES": np.zeros((1, 0), np.uint8),
+        "IMAGE_BYTE_SIZES": np.zeros((1, 0), np.int32),
+        "PROMPT_TABLE_EXTRA_IDS": np.zeros((1, 2), np.uint64),
+    }
     tb.downstream.update(
         preprocessing=lambda inputs: tb.InferenceResponse(
             [
@@ -369,7 +431,8 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
         ),
         tensorrt_llm=llm,
     )
-    model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir)))
+    # a tensorrt_llm without prompt_table_extra_ids: the BLS must not send it
+    model = start("mgm_bls", tb.model_config("mgm_bls", **values(llama_dir, **extra_ids_values(False))))
     req = tb.Request(
         {"text_input": text("Colour?"), "max_tokens": np.array([[20]], np.int32), "conv_mode": text("chatml_direct")}
     )
@@ -379,4 +442,5 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
         model.finalize()
     ((response, flags),) = req.sender.sent
     assert flags == tb.FINAL and not response.has_error()
+    assert not any("prompt_table_extra_ids" in i for m, i in tb.bls_calls if m == "tensorrt_llm")
     assert response.output("text_output")[0, 0].decode() == "Red."

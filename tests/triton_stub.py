@@ -13,6 +13,7 @@ import json
 import string
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,62 @@ class InferenceRequest:
         return self.exec(decoupled)
 
 
+class Metric:
+    """One labelled series. Like the real one: a counter only goes up, only a gauge can be set, and
+    the family must outlive its metrics (the metric does not keep it alive)."""
+
+    def __init__(self, family: MetricFamily, labels: dict[str, str]):
+        self._family, self.labels, self._value = weakref.ref(family), dict(labels), 0.0
+
+    def family(self) -> MetricFamily:
+        family = self._family()
+        if family is None:
+            raise RuntimeError(
+                "Failed to set metric value: Invalid metric operation as the corresponding 'MetricFamily' has been deleted"
+            )
+        return family
+
+    def increment(self, value: float) -> None:
+        if self.family().kind == MetricFamily.COUNTER and value < 0:
+            raise ValueError("a counter cannot go down")
+        self._value += value
+
+    def set(self, value: float) -> None:
+        if self.family().kind != MetricFamily.GAUGE:
+            raise ValueError("only a gauge can be set")
+        self._value = float(value)
+
+    def value(self) -> float:
+        return self._value
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __init__(self, name: str, description: str, kind: int):
+        old = metric_families.get(name)
+        if old is not None and (old.description, old.kind) != (description, kind):
+            raise ValueError(f"metric family {name!r} exists with another description or kind")
+        self.name, self.description, self.kind = name, description, kind
+        self.series = old.series if old is not None else {}
+        metric_families[name] = self
+
+    def Metric(self, labels: dict[str, str] | None = None) -> Metric:
+        key = tuple(sorted((labels or {}).items()))
+        return self.series.setdefault(key, Metric(self, labels or {}))
+
+
+# metric name -> the live family of that name, as the server would list them on its metrics port
+metric_families: weakref.WeakValueDictionary[str, MetricFamily] = weakref.WeakValueDictionary()
+
+
+def metric_value(name: str, **labels) -> float:
+    """Test convenience: the value of one series (0 when it was never created)."""
+    family = metric_families.get(name)
+    series = family.series.get(tuple(sorted(labels.items()))) if family else None
+    return series.value() if series else 0.0
+
+
 def get_input_tensor_by_name(request: Request, name: str):
     return request._inputs.get(name)
 
@@ -164,6 +221,7 @@ def _module() -> types.ModuleType:
 def install(monkeypatch) -> types.ModuleType:
     downstream.clear()
     bls_calls.clear()
+    metric_families.clear()
     mod = _module()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
     return mod

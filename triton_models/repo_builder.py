@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,11 @@ MODELS = {
 CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
 CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
+# Per vision_encoder instance. Features are float32 (T x H x 4 bytes): 2.4 MB for MGM-2B, 9.4 MB for
+# 7B/8B, 16.5 MB for 34B, 47 MB for 7B-HD, 0.1-0.6 MB for the tiny test models; 512 MB holds ~54
+# images of a 7B chat (a few dozen at every non-HD size, ~10 HD) at a fraction of the LLM's memory.
+DEFAULT_IMAGE_CACHE_MB = 512
+EXTRA_IDS_INPUT = "prompt_table_extra_ids"
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -69,6 +75,14 @@ def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> Vision
         raise CheckpointError(
             f"{path}: built for {art.tokens_per_image} tokens x {art.hidden_size} hidden, but the checkpoint "
             f"needs {config.tokens_per_image} x {config.hidden_size}: rebuild the vision engine"
+        )
+    # vision_encoder makes the pixels from the checkpoint's config: the artifact must take those shapes
+    side, aux = config.lr_size, config.image_size_aux
+    lr = (config.views_per_image, 3, side, side) if config.hd else (3, side, side)
+    if (art.images_shape, art.images_aux_shape) != (lr, (3, aux, aux)):
+        raise CheckpointError(
+            f"{path}: takes images {list(art.images_shape)} and images_aux {list(art.images_aux_shape)}, but the "
+            f"checkpoint's pixels are {list(lr)} and {[3, aux, aux]}: rebuild the vision engine"
         )
     return art
 
@@ -117,16 +131,39 @@ def gpu_contract(engine_dir: Path, config: MGMConfig, **overrides: int | None) -
     return built.with_overrides(str(llm / "build_info.json"), **overrides)
 
 
+def llm_declares(llm_config_text: str, name: str) -> bool:
+    return re.search(rf'name:\s*"{re.escape(name)}"', llm_config_text) is not None
+
+
+def extra_ids_values(llm_takes_extra_ids: bool) -> dict[str, object]:
+    """The ensemble's and mgm_bls's wiring of the image keys to tensorrt_llm, only where it declares the
+    input (an ensemble mapping to an undeclared input does not load)."""
+    if not llm_takes_extra_ids:
+        absent = f"# (tensorrt_llm declares no {EXTRA_IDS_INPUT})"
+        return {"extra_ids_output_map": absent, "extra_ids_input_map": absent, "llm_takes_extra_ids": False}
+    return {
+        "extra_ids_output_map": 'output_map { key: "PROMPT_TABLE_EXTRA_IDS" value: "_PROMPT_TABLE_EXTRA_IDS" }',
+        "extra_ids_input_map": f'input_map {{ key: "{EXTRA_IDS_INPUT}" value: "_PROMPT_TABLE_EXTRA_IDS" }}',
+        "llm_takes_extra_ids": True,
+    }
+
+
 def template_values(
-    model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract, instances: int
+    model_dir: Path,
+    engine_dir: Path,
+    contract: LLMContract,
+    instances: int,
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+    llm_takes_extra_ids: bool = False,
 ) -> dict[str, object]:
-    """Every template value, read from the two contracts (never recomputed here)."""
+    """Every template value, read from the LLM contract (never recomputed here); the vision artifact's
+    shapes are checked against the checkpoint by `vision_contract`."""
+    if image_cache_mb < 0:
+        raise ValueError(f"--image_cache_mb must be >= 0 (0 turns the cache off), got {image_cache_mb}")
     values = {
         "triton_max_batch_size": contract.max_batch_size,
         "max_queue_delay_microseconds": 1000,
         "model_dir": model_dir.resolve(),
-        "lr_dims": ", ".join(map(str, (-1, *vision.images_shape))),
-        "image_size_aux": vision.images_aux_shape[-1],
         "hidden_size": contract.hidden_size,
         "max_input_len": contract.max_input_len,
         "max_seq_len": contract.max_seq_len,
@@ -138,6 +175,8 @@ def template_values(
         "vision_instances": 1,
         "prompt_table_type": contract.prompt_table_type,
         "vocab_offset": contract.vocab_offset,
+        "image_cache_mb": int(image_cache_mb) if float(image_cache_mb).is_integer() else image_cache_mb,
+        **extra_ids_values(llm_takes_extra_ids),
     }
     if contract.runtime == "pytorch":
         values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
@@ -157,6 +196,7 @@ def build_repo(
     max_seq_len: int | None = None,
     max_images_per_request: int | None = None,
     name: str | None = None,
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
 ) -> Path:
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
@@ -172,6 +212,7 @@ def build_repo(
                 max_input_len,
                 max_seq_len,
                 max_images_per_request,
+                image_cache_mb=image_cache_mb,
             ),
             Path(output_dir),
             name,
@@ -180,7 +221,7 @@ def build_repo(
         raise ValueError(f"--backend must be one of {sorted(MODELS)}, got {backend!r}")
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
     config = MGMConfig.from_model_dir(model_dir)
-    vision = vision_contract(engine_dir, backend, config)
+    vision_contract(engine_dir, backend, config)
     limits = dict(
         max_batch_size=max_batch_size,
         max_input_len=max_input_len,
@@ -194,7 +235,8 @@ def build_repo(
     # Both backends fill from the contract file as written into the repository: one code path.
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
-    values = template_values(model_dir, engine_dir, contract, vision, instances)
+    takes_extra_ids = llm_declares(texts["tensorrt_llm"], EXTRA_IDS_INPUT)
+    values = template_values(model_dir, engine_dir, contract, instances, image_cache_mb, takes_extra_ids)
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
@@ -228,6 +270,12 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
     )
     parser.add_argument(
+        "--image_cache_mb",
+        type=float,
+        default=DEFAULT_IMAGE_CACHE_MB,
+        help=f"image-feature cache per vision_encoder instance, MB (0 = off; default {DEFAULT_IMAGE_CACHE_MB})",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -256,6 +304,7 @@ def run_repo_build(args: argparse.Namespace) -> Path:
         args.max_seq_len,
         args.max_images_per_request,
         getattr(args, "name", None),
+        getattr(args, "image_cache_mb", DEFAULT_IMAGE_CACHE_MB),
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -1,9 +1,11 @@
 """Request -> model inputs, without Triton: the logic of the `preprocessing` model.
 
-Image bytes are decoded and turned into pixels exactly as `mgm_ref` does; the chat template is
-applied and tokenised; each `<image>` (-200) becomes a run of fake ids `vocab_size + k` that select
-rows of the prompt embedding table (TensorRT-LLM's multimodal convention); stop words come in
-TensorRT-LLM's `stop_words_list` layout.
+Images are checked from their headers only (format, size, the pixel limit of the padded square) and
+passed on still encoded: vision_encoder decodes them, and only on a feature-cache miss. The chat
+template is applied and tokenised; each `<image>` (-200) becomes a run of fake ids `vocab_size + k`
+that select rows of the prompt embedding table (TensorRT-LLM's multimodal convention), and those
+rows get image k's `extra_id` in `extra_ids` (0 for text) so the LLM can key its prefix cache on the
+image, not on the fake ids; stop words come in TensorRT-LLM's `stop_words_list` layout.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from mgm_ref.constants import IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS, MAX_IMAGES_PE
 from mgm_ref.conversation import build_prompt, stop_token_ids
 from mgm_ref.errors import ImageError, PromptError
 from mgm_ref.loader import load_tokenizer
-from mgm_ref.preprocess import ImageProcessor, load_image
+from mgm_ref.preprocess import inspect_image
 from mgm_ref.tokenization import tokenizer_image_token
 from triton_models.lib.chat import ChatTemplates
+from triton_models.lib.image_key import PixelConfig, image_key, prompt_table_extra_ids
 
 
 @dataclass
 class ModelInputs:
     input_ids: np.ndarray  # (L,) int32, fake ids >= vocab_size for image rows
-    images: np.ndarray  # (N, 3, 336, 336) or HD (N, 5, 3, 336, 336) float32
-    images_aux: np.ndarray  # (N, 3, S, S) float32
+    image_bytes: np.ndarray  # (B,) uint8: the N encoded images back to back, as received
+    image_sizes: np.ndarray  # (N,) int32: each image's byte count
+    extra_ids: np.ndarray  # (L,) uint64: 0 for text, image k's extra_id on each of its rows
     end_id: int
     stop_words: np.ndarray  # (2, K) int32: flattened ids, then end offsets padded with -1
 
@@ -70,7 +74,7 @@ class Preprocessor:
     ):
         self.config = MGMConfig.from_model_dir(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.processor = ImageProcessor(self.config)
+        self.pixel_config = PixelConfig.from_model_dir(model_dir, self.config)
         self.templates = ChatTemplates(model_dir, self.tokenizer, self.config)
         self.max_input_len = max_input_len
         self.max_images = 1 if self.config.hd else max_images
@@ -90,6 +94,12 @@ class Preprocessor:
             raise PromptError("the prompt is empty")
         if len(images) > self.max_images:
             raise PromptError(f"{len(images)} images given; this model takes at most {self.max_images} per request")
+        # headers only, before any tokenising: a refused image costs microseconds
+        for k, blob in enumerate(images):
+            try:
+                inspect_image(blob, self.max_image_pixels)
+            except ImageError as e:
+                raise ImageError(f"image {k + 1} of {len(images)}: {e}" if len(images) > 1 else str(e)) from None
         conv_mode = self.templates.resolve(conv_mode)
         prompt = build_prompt(conv_mode, query, len(images), history, system)
         ids = tokenizer_image_token(prompt, self.tokenizer)
@@ -102,20 +112,13 @@ class Preprocessor:
                 f"the prompt is {len(input_ids)} tokens including {self.config.tokens_per_image} per image; "
                 f"max_input_len is {self.max_input_len}"
             )
-        pils = [load_image(blob, self.max_image_pixels) for blob in images]
-        if pils:
-            pixels = self.processor(pils)
-            lr, hr = pixels.images.numpy(), pixels.images_aux.numpy()
-        else:
-            lr = np.zeros((0, *self.lr_view_shape), np.float32)
-            hr = np.zeros((0, 3, self.config.image_size_aux, self.config.image_size_aux), np.float32)
+        keys = [image_key(blob, self.pixel_config) for blob in images]
+        token_ids = np.asarray(input_ids, np.int32)
+        extra = prompt_table_extra_ids(token_ids, self.vocab_offset, self.config.tokens_per_image, keys)
+        packed = np.frombuffer(b"".join(images), np.uint8)
+        sizes = np.array([len(b) for b in images], np.int32)
         end_id, stop_words = self.stop_words(conv_mode)
-        return ModelInputs(np.asarray(input_ids, np.int32), lr, hr, end_id, stop_words)
-
-    @property
-    def lr_view_shape(self) -> tuple[int, ...]:
-        side = self.config.lr_size
-        return (self.config.views_per_image, 3, side, side) if self.config.hd else (3, side, side)
+        return ModelInputs(token_ids, packed, sizes, extra, end_id, stop_words)
 
     def expand_image_tokens(self, ids: list[int]) -> list[int]:
         """Each -200 -> the next T fake ids; ids count on across images, as the prompt table is flat."""

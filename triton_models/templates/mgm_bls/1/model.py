@@ -51,7 +51,8 @@ PRE_TO_LLM = {
     "END_ID": "end_id",
     "STOP_WORDS_IDS": "stop_words_list",
 }
-PRE_TO_VISION = {"IMAGES": "IMAGES", "IMAGES_AUX": "IMAGES_AUX"}
+PRE_TO_VISION = {"IMAGE_BYTES": "IMAGE_BYTES", "IMAGE_BYTE_SIZES": "IMAGE_BYTE_SIZES"}
+PRE_TO_LLM_EXTRA_IDS = {"PROMPT_TABLE_EXTRA_IDS": "prompt_table_extra_ids"}
 VISION_OUTPUTS = ["OUT_PROMPT_EMBEDDING_TABLE", "OUT_PROMPT_VOCAB_SIZE"]
 # the tensorrtllm backend fails a response unless both of these outputs are requested
 LLM_OUTPUTS = ["output_ids", "sequence_length"]
@@ -67,13 +68,14 @@ class Stages:
     X_mgm_bls beside X_preprocessing, X_vision_encoder and X_tensorrt_llm.
     """
 
-    def __init__(self, request, waiters: ThreadPoolExecutor, prefix: str):
+    def __init__(self, request, waiters: ThreadPoolExecutor, prefix: str, send_extra_ids: bool = False):
         self.request, self.waiters, self.prefix = request, waiters, prefix
+        self.to_llm = {**PRE_TO_LLM, **(PRE_TO_LLM_EXTRA_IDS if send_extra_ids else {})}
         self.prompt_tokens = 0  # image rows included, as preprocessing counted them
 
     async def preprocess(self):
         pre = await call(
-            self.prefix + "preprocessing", forward(self.request, PREPROCESS_INPUTS), [*PRE_TO_LLM, *PRE_TO_VISION]
+            self.prefix + "preprocessing", forward(self.request, PREPROCESS_INPUTS), [*self.to_llm, *PRE_TO_VISION]
         )
         self.prompt_tokens = int(pb_utils.get_output_tensor_by_name(pre, "REQUEST_INPUT_LEN").as_numpy().reshape(-1)[0])
         return pre
@@ -82,7 +84,7 @@ class Stages:
         return await call(self.prefix + "vision_encoder", rename(pre, PRE_TO_VISION), VISION_OUTPUTS)
 
     async def generate(self, pre, vis):
-        inputs = forward(self.request, LLM_INPUTS) + rename(pre, PRE_TO_LLM) + prompt_table_inputs(vis)
+        inputs = forward(self.request, LLM_INPUTS) + rename(pre, self.to_llm) + prompt_table_inputs(vis)
         inputs.append(pb_utils.Tensor("streaming", np.array([[True]])))
         request_id = f"mgm_bls-{uuid.uuid4().hex}"  # names the generation for a `stop` request
         llm = self.prefix + "tensorrt_llm"
@@ -108,6 +110,7 @@ class TritonPythonModel:
         )
         params = params_of(config)
         self.prefix = args["model_name"].removesuffix("mgm_bls")
+        self.send_extra_ids = params.get("llm_takes_extra_ids", "false").lower() == "true"
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.templates = ChatTemplates(params["model_dir"], self.tokenizer)
         self.waiters = ThreadPoolExecutor(max_workers=STREAM_WAITERS, thread_name_prefix="mgm_bls_stream")
@@ -119,7 +122,7 @@ class TritonPythonModel:
     async def serve(self, request):
         sender = request.get_response_sender()
 
-        stages = Stages(request, self.waiters, self.prefix)
+        stages = Stages(request, self.waiters, self.prefix, self.send_extra_ids)
 
         def send(piece: Piece):
             if piece.final:

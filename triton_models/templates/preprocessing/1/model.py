@@ -28,7 +28,6 @@ class TritonPythonModel:
             int(params["max_images_per_request"]),
             vocab_offset=int(params["vocab_offset"]),
         )
-        aux = self.preprocessor.config.image_size_aux
         check_config(
             config,
             decoupled=False,
@@ -43,12 +42,13 @@ class TritonPythonModel:
             outputs={
                 "INPUT_ID": "TYPE_INT32",
                 "REQUEST_INPUT_LEN": "TYPE_INT32",
-                "IMAGES": "TYPE_FP32",
-                "IMAGES_AUX": "TYPE_FP32",
+                "IMAGE_BYTES": "TYPE_UINT8",
+                "IMAGE_BYTE_SIZES": "TYPE_INT32",
+                "PROMPT_TABLE_EXTRA_IDS": "TYPE_UINT64",
                 "END_ID": "TYPE_INT32",
                 "STOP_WORDS_IDS": "TYPE_INT32",
             },
-            dims={"IMAGES": [-1, *self.preprocessor.lr_view_shape], "IMAGES_AUX": [-1, 3, aux, aux]},
+            dims={"IMAGE_BYTES": [-1], "IMAGE_BYTE_SIZES": [-1], "PROMPT_TABLE_EXTRA_IDS": [-1]},
         )
 
     def execute(self, requests):
@@ -74,8 +74,9 @@ class TritonPythonModel:
             tensors = {
                 "INPUT_ID": inputs.input_ids[None],
                 "REQUEST_INPUT_LEN": np.array([[len(inputs.input_ids)]], np.int32),
-                "IMAGES": inputs.images[None],
-                "IMAGES_AUX": inputs.images_aux[None],
+                "IMAGE_BYTES": inputs.image_bytes[None],
+                "IMAGE_BYTE_SIZES": inputs.image_sizes[None],
+                "PROMPT_TABLE_EXTRA_IDS": inputs.extra_ids[None],
                 "END_ID": np.array([[inputs.end_id]], np.int32),
                 "STOP_WORDS_IDS": inputs.stop_words[None],
             }
