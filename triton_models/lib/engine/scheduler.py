@@ -10,8 +10,10 @@ built by `mgm_ref.loader.load_llm`). Each loop turn it
 2. admits queued requests into free slots (at most `max_batch_size` run or prefill at a time) and
    prefills them one by one, each alone in its own cache (prompt embedded, fake ids spliced from its
    prompt table): whole prompts by default, or at most `prefill_chunk` prompt tokens per turn (chunked
-   prefill, so that the running streams keep decoding during a long prompt). A finished prefill samples
-   the request's first token and merges its KV cache into the running batch,
+   prefill, so that the running streams keep decoding during a long prompt). With a prefix cache
+   (`prefix_cache.PrefixCache`) a prompt starts from its longest cached prefix; every fully
+   prefilled prompt and every leaving row (prompt + fed generated tokens) is cached. A finished
+   prefill samples the request's first token and merges its KV cache into the running batch,
 3. runs ONE batched decode forward for every running request, samples all next tokens in one call,
    streams them to the handles, and removes the finished rows.
 
@@ -48,15 +50,17 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
 from mgm_runtime.prompt_table import embed_with_prompt_table
 from triton_models.lib import attention
 from triton_models.lib.engine.kv_cache import BatchKVCache
+from triton_models.lib.engine.prefix_cache import PrefixCache, block_keys
 from triton_models.lib.engine.request import (
     EngineLimits,
     EngineShutdown,
@@ -81,6 +85,7 @@ class _Active:
     max_new_tokens: int
     produced: int = 0
     last_token: int = -1
+    fed: list[int] = field(default_factory=list)  # generated tokens fed back (their KV is in the row)
 
 
 @dataclass
@@ -88,7 +93,8 @@ class _Prefill:
     state: _Active
     embeds: torch.Tensor  # (1, n, hidden) spliced prompt
     cache: DynamicCache  # this request's own cache until it joins the batch
-    done: int = 0  # prompt tokens prefilled so far
+    done: int = 0  # prompt tokens prefilled (or taken from the prefix cache) so far
+    keys: list[bytes] = field(default_factory=list)  # the prompt's prefix-cache block keys
 
 
 class LLMEngine:
@@ -101,11 +107,14 @@ class LLMEngine:
         device: str | torch.device = "cpu",
         num_threads: int | None = None,
         prefill_chunk: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         """`num_threads`: torch.set_num_threads in the engine thread (process-wide; None leaves it).
         `prefill_chunk`: at most this many prompt tokens are prefilled between two decode steps (chunked
         prefill: running streams keep flowing while a long prompt is prefilled, at some cost in TTFT).
         None: newcomers are prefilled whole before the next decode step (bit-exact with a solo run).
+        `prefix_cache`: keep the KV of prefilled prompts and finished sequences there and start each
+        prompt from its longest cached prefix (None: every prompt is prefilled whole).
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -131,6 +140,7 @@ class LLMEngine:
         self.attn_impl = getattr(cfg, "_attn_implementation", "sdpa") or "sdpa"
         self.limits = EngineLimits(self.vocab_size, self.hidden_size, self.max_positions)
         self.cache = BatchKVCache(int(cfg.num_hidden_layers), max_batch_size)
+        self.prefix_cache = prefix_cache
 
         self._cond = threading.Condition()
         self._pending: collections.deque = collections.deque()
@@ -144,6 +154,7 @@ class LLMEngine:
             tokens_generated=0,
             prefills=0,
             prefill_tokens=0,
+            reused_tokens=0,  # prompt tokens taken from the prefix cache instead of being prefilled
             completed=0,
             cancelled=0,
             failed=0,
@@ -205,6 +216,19 @@ class LLMEngine:
             prefilling=len(self._prefilling),
             cache_length=self.cache.length,
             moved_columns=self.cache.moved_columns,
+            **self.prefix_cache_stats(),
+        )
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """The prefix cache's counters (prefix_ prefixed; empty without a prefix cache)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return {}
+        return dict(
+            {f"prefix_{k}": v for k, v in pc.stats.items()},
+            prefix_blocks=len(pc),
+            prefix_bytes=pc.bytes,
+            prefix_budget_bytes=pc.budget_bytes,
         )
 
     # ---- engine thread ---------------------------------------------------------------------------
@@ -270,6 +294,7 @@ class LLMEngine:
 
     def _remove(self, row: int, reason: str, error: BaseException | None = None) -> None:
         state = self._active[row]
+        self._keep_row(row)  # a cancelled row's KV is as valid as a finished one's
         self.cache.remove_row(row)
         self._active[row] = self._active[-1]
         self._active.pop()
@@ -309,11 +334,45 @@ class LLMEngine:
         state = _Active(handle, v.sampling, v.stop_ids, v.max_new_tokens)
         try:
             embeds = self._embed_prompt(handle)[None]
+            prefill = _Prefill(state, embeds, DynamicCache())
+            if self.prefix_cache is not None:
+                self._reuse_prefix(prefill)
         except Exception as e:
             log.info("request %r failed: %s", handle.request_id, e)
             self._end(handle, "error", e)
             return
-        self._prefilling.append(_Prefill(state, embeds, DynamicCache()))
+        self._prefilling.append(prefill)
+
+    # ---- prefix cache ----------------------------------------------------------------------------
+    def _reuse_prefix(self, p: _Prefill) -> None:
+        """Start `p` from its longest cached prefix (its KV goes into p's own cache)."""
+        pc, v = self.prefix_cache, p.state.handle.valid
+        assert pc is not None
+        p.keys = block_keys(v.ids.numpy(), v.extra_ids, pc.block_tokens, self.vocab_size)
+        # at least the last prompt token is prefilled: its logits give the first token
+        p.done = pc.load(p.keys, p.cache, limit=v.ids.numel() - 1, device=self.device)
+        self.stats["reused_tokens"] += p.done
+
+    def _keep_prompt(self, p: _Prefill) -> None:
+        """Cache the blocks of a fully prefilled prompt (its own cache holds every column)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert_columns(p.keys, [(x.keys[0], x.values[0]) for x in p.cache.layers], 0)
+
+    def _keep_row(self, row: int) -> None:
+        """Cache the blocks of a leaving row: its prompt plus the generated tokens fed so far."""
+        pc = self.prefix_cache
+        if pc is None:
+            return
+        state, c = self._active[row], self.cache
+        v, pad = state.handle.valid, c.pads[row]
+        if c.length - pad != v.ids.numel() + len(state.fed):  # exactly prompt + fed tokens, or nothing
+            log.error("row %d holds %d columns, not prompt + fed tokens: not cached", row, c.length - pad)
+            return
+        fed = np.asarray(state.fed, np.int64)
+        ids = np.concatenate([v.ids.numpy(), fed])
+        extra = None if v.extra_ids is None else np.concatenate([v.extra_ids, np.zeros(fed.size, np.uint64)])
+        keys = block_keys(ids, extra, pc.block_tokens, self.vocab_size)
+        pc.insert_columns(keys, [(x.kbuf[row], x.vbuf[row]) for x in c.layers], pad)  # type: ignore[index]
 
     def _prefill_work(self) -> None:
         """Prefill queued prompts, oldest first, within this turn's token budget (prefill_chunk)."""
@@ -339,6 +398,7 @@ class LLMEngine:
                     continue
                 self._prefilling.pop(0)
                 self.stats["prefills"] += 1
+                self._keep_prompt(p)
                 token = int(sample_next(out.logits[:, -1], [p.state.sampling])[0])
                 if self._emit(p.state, token):
                     # a finished prefill has filled every layer's keys and values
@@ -384,6 +444,8 @@ class LLMEngine:
         active, cache = self._active, self.cache
         b, length = len(active), cache.length
         tokens = torch.tensor([s.last_token for s in active], device=self.device)
+        for s in active:
+            s.fed.append(s.last_token)
         embeds = self.embed(tokens)[:, None, :]
         positions = torch.tensor([length - p for p in cache.pads], device=self.device)[:, None]
         cache.reserve_step()
@@ -412,7 +474,8 @@ class LLMEngine:
         cache.trim()
 
     def _remove_finished(self, row: int) -> None:
-        # the handle was already ended by _emit: only free the row
+        # the handle was already ended by _emit: keep its KV, free the row
+        self._keep_row(row)
         self.cache.remove_row(row)
         self._active[row] = self._active[-1]
         self._active.pop()
