@@ -46,6 +46,8 @@ def values(model_dir, **extra):
         max_active_requests=4,
         llm_threads=1,
         vocab_offset=config.vocab_size,
+        kv_cache_reuse="true",
+        kv_cache_mb=64,
     )
     out.update(extra)
     return out

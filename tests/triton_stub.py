@@ -106,6 +106,46 @@ class Request:
         return self._id
 
 
+class Metric:
+    def __init__(self, family: MetricFamily, labels: dict):
+        self.family, self.labels, self._value = family, dict(labels or {}), 0.0
+
+    def increment(self, value: float) -> None:
+        if self.family.kind != MetricFamily.COUNTER:
+            raise RuntimeError("increment() is for counters")
+        if value < 0:
+            raise ValueError("a counter only goes up")
+        self._value += value
+
+    def set(self, value: float) -> None:
+        if self.family.kind != MetricFamily.GAUGE:
+            raise RuntimeError("set() is for gauges")
+        self._value = float(value)
+
+    def value(self) -> float:
+        return self._value
+
+
+class MetricFamily:
+    """Custom metrics as the python backend has them; every family made is kept in `metric_families`."""
+
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __init__(self, name: str, description: str, kind: int):
+        known = metric_families.get(name)
+        if known is not None and known.kind != kind:
+            raise ValueError(f"metric family {name!r} exists with another kind")
+        self.name, self.description, self.kind, self.metrics = name, description, kind, []
+        metric_families[name] = self
+
+    def Metric(self, labels: dict | None = None) -> Metric:  # noqa: N802 - the python backend's name
+        metric = Metric(self, labels or {})
+        self.metrics.append(metric)
+        return metric
+
+
+metric_families: dict[str, MetricFamily] = {}
+
 # model name -> callable(inputs: dict[str, np.ndarray]) -> InferenceResponse | iterator of them (decoupled)
 downstream: dict = {}
 bls_calls: list[tuple[str, dict]] = []
@@ -164,6 +204,7 @@ def _module() -> types.ModuleType:
 def install(monkeypatch) -> types.ModuleType:
     downstream.clear()
     bls_calls.clear()
+    metric_families.clear()
     mod = _module()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
     return mod

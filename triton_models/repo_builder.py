@@ -55,6 +55,7 @@ MODELS = {
 CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
 CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
+DEFAULT_KV_CACHE_MB = 1024  # CPU prefix KV cache: fp32 KV is ~36 KiB/token for MGM-2B, ~1 MiB/token for 7B
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -118,7 +119,13 @@ def gpu_contract(engine_dir: Path, config: MGMConfig, **overrides: int | None) -
 
 
 def template_values(
-    model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract, instances: int
+    model_dir: Path,
+    engine_dir: Path,
+    contract: LLMContract,
+    vision: VisionContract,
+    instances: int,
+    kv_cache_reuse: bool = True,
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
 ) -> dict[str, object]:
     """Every template value, read from the two contracts (never recomputed here)."""
     values = {
@@ -138,9 +145,11 @@ def template_values(
         "vision_instances": 1,
         "prompt_table_type": contract.prompt_table_type,
         "vocab_offset": contract.vocab_offset,
+        "kv_cache_reuse": "true" if kv_cache_reuse else "false",
     }
     if contract.runtime == "pytorch":
         values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
+        values.update(kv_cache_mb=kv_cache_mb)
     else:
         values.update(llm_engine_dir=(engine_dir / "llm" / "engine").resolve(), tokenizer_dir=model_dir.resolve())
     return values
@@ -157,7 +166,11 @@ def build_repo(
     max_seq_len: int | None = None,
     max_images_per_request: int | None = None,
     name: str | None = None,
+    kv_cache_reuse: bool = True,
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
 ) -> Path:
+    if kv_cache_mb < 0:
+        raise ValueError(f"--kv_cache_mb must be >= 0, got {kv_cache_mb}")
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
 
@@ -172,6 +185,8 @@ def build_repo(
                 max_input_len,
                 max_seq_len,
                 max_images_per_request,
+                kv_cache_reuse=kv_cache_reuse,
+                kv_cache_mb=kv_cache_mb,
             ),
             Path(output_dir),
             name,
@@ -194,7 +209,7 @@ def build_repo(
     # Both backends fill from the contract file as written into the repository: one code path.
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
-    values = template_values(model_dir, engine_dir, contract, vision, instances)
+    values = template_values(model_dir, engine_dir, contract, vision, instances, kv_cache_reuse, kv_cache_mb)
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
@@ -228,6 +243,19 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
     )
     parser.add_argument(
+        "--kv_cache_reuse",
+        choices=("on", "off"),
+        default="on",
+        help="reuse the KV of cached prompt prefixes (cpu: the engine's prefix cache; gpu: TensorRT-LLM's "
+        "enable_kv_cache_reuse); off: every prompt is prefilled whole (for benchmarks)",
+    )
+    parser.add_argument(
+        "--kv_cache_mb",
+        type=int,
+        default=DEFAULT_KV_CACHE_MB,
+        help="cpu: MiB of prefix KV kept for reuse (LRU; 0 = no reuse)",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -256,6 +284,8 @@ def run_repo_build(args: argparse.Namespace) -> Path:
         args.max_seq_len,
         args.max_images_per_request,
         getattr(args, "name", None),
+        kv_cache_reuse=getattr(args, "kv_cache_reuse", "on") == "on",
+        kv_cache_mb=getattr(args, "kv_cache_mb", DEFAULT_KV_CACHE_MB),
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out
