@@ -139,13 +139,14 @@ class PrefixCache:
     def insert_columns(self, keys: list[bytes], layers: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> int:
         """`insert` from per-layer (keys, values) buffers (heads, columns, head_dim); block i is
         columns start + i * block_tokens onwards."""
-        b = self.block_tokens
-
-        def block_kv(i: int) -> torch.Tensor:
-            lo = start + i * b
-            return torch.stack([torch.stack((k[:, lo : lo + b], v[:, lo : lo + b])) for k, v in layers])
-
-        return self.insert(keys, block_kv)
+        first = next((i for i, key in enumerate(keys) if key not in self._blocks), len(keys))
+        if first == len(keys):
+            self._touch(keys)
+            return 0
+        b, lo, hi = self.block_tokens, start + first * self.block_tokens, start + len(keys) * self.block_tokens
+        # one copy of every missing column, then one copy per block (blocks never share storage)
+        slab = torch.stack([torch.stack((k[:, lo:hi], v[:, lo:hi])) for k, v in layers])
+        return self.insert(keys, lambda i: slab[:, :, :, (i - first) * b : (i - first + 1) * b].clone())
 
     def clear(self) -> None:
         self._blocks.clear()

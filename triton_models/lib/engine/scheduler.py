@@ -398,7 +398,6 @@ class LLMEngine:
                     continue
                 self._prefilling.pop(0)
                 self.stats["prefills"] += 1
-                self._keep_prompt(p)
                 token = int(sample_next(out.logits[:, -1], [p.state.sampling])[0])
                 if self._emit(p.state, token):
                     # a finished prefill has filled every layer's keys and values
@@ -409,6 +408,8 @@ class LLMEngine:
                 if self._prefilling and self._prefilling[0] is p:
                     self._prefilling.pop(0)
                 self._end(p.state.handle, "error", e)
+                continue
+            self._keep_prompt(p)  # after the first token went out: caching costs no TTFT
 
     def _emit(self, state: _Active, token: int) -> bool:
         """Deliver one token; returns False when the request is finished."""
