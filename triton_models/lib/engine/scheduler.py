@@ -91,9 +91,10 @@ class _Active:
 @dataclass
 class _Prefill:
     state: _Active
-    embeds: torch.Tensor  # (1, n, hidden) spliced prompt
+    embeds: torch.Tensor | None  # (1, n - start, hidden) spliced prompt from position `start` on
     cache: DynamicCache  # this request's own cache until it joins the batch
     done: int = 0  # prompt tokens prefilled (or taken from the prefix cache) so far
+    start: int = 0  # prompt tokens taken from the prefix cache (never embedded)
     keys: list[bytes] = field(default_factory=list)  # the prompt's prefix-cache block keys
 
 
@@ -321,9 +322,10 @@ class LLMEngine:
         self.cache.release()
 
     # ---- prefill / decode ------------------------------------------------------------------------
-    def _embed_prompt(self, handle: RequestHandle) -> torch.Tensor:
+    def _embed_prompt(self, handle: RequestHandle, start: int = 0) -> torch.Tensor:
+        """Embeddings of the prompt from position `start` on (the rows before it come from the cache)."""
         return embed_with_prompt_table(
-            handle.valid.ids.to(self.device), self.embed, handle.valid.table, self.vocab_size
+            handle.valid.ids[start:].to(self.device), self.embed, handle.valid.table, self.vocab_size
         )
 
     def _start_prefill(self, handle: RequestHandle) -> None:
@@ -333,10 +335,11 @@ class LLMEngine:
         v = handle.valid
         state = _Active(handle, v.sampling, v.stop_ids, v.max_new_tokens)
         try:
-            embeds = self._embed_prompt(handle)[None]
-            prefill = _Prefill(state, embeds, DynamicCache())
+            prefill = _Prefill(state, None, DynamicCache())
             if self.prefix_cache is not None:
                 self._reuse_prefix(prefill)
+            prefill.start = prefill.done
+            prefill.embeds = self._embed_prompt(handle, prefill.start)[None]
         except Exception as e:
             log.info("request %r failed: %s", handle.request_id, e)
             self._end(handle, "error", e)
@@ -379,12 +382,13 @@ class LLMEngine:
         budget = self.prefill_chunk if self.prefill_chunk is not None else float("inf")
         while self._prefilling and budget > 0:
             p = self._prefilling[0]
-            n = p.embeds.shape[1]
+            assert p.embeds is not None
+            n = p.start + p.embeds.shape[1]
             take = int(min(n - p.done, budget))
             try:
                 positions = torch.arange(p.done, p.done + take, device=self.device)
                 out = self.llm(
-                    inputs_embeds=p.embeds[:, p.done : p.done + take],
+                    inputs_embeds=p.embeds[:, p.done - p.start : p.done - p.start + take],
                     position_ids=positions[None],
                     past_key_values=p.cache,
                     use_cache=True,
