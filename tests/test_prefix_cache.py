@@ -14,6 +14,7 @@ from mgm_ref.constants import IMAGE_TOKEN_INDEX
 from mgm_ref.conversation import build_prompt
 from mgm_ref.loader import load_model
 from mgm_ref.model import GenerationParams
+from mgm_runtime.prompt_table import embed_with_prompt_table
 from tests.helpers.images import random_image
 from triton_models.lib.engine import GenerationRequest, LLMEngine, PrefixCache
 from triton_models.lib.engine import prefix_cache as prefix_cache_module
@@ -184,6 +185,39 @@ def test_token_level_history_reuses_the_previous_answer(models, engines):
     assert engine.generate(req, timeout=60) == chat.reference(follow)
     fed = len(chat.request(first).input_ids) + len(answer) - 1
     assert engine.stats["reused_tokens"] - before == fed // BLOCK * BLOCK > len(chat.request(first).input_ids)
+
+
+def test_a_left_padded_row_caches_its_own_columns(models, engines):
+    """A row that leaves a batch while left-padded (a longer row beside it) caches the right columns."""
+    model = models("llama")
+    chat, engine = Chat(model), engines(model.llm, max_batch_size=2)
+    short = chat.prompt_ids(QUESTIONS[0])
+    long = short + model.tokenizer.encode(" and tell me everything you can about it" * 4, add_special_tokens=False)
+    handles = [engine.submit(chat.request(short, stop_ids=[])), engine.submit(chat.request(long, max_new_tokens=40))]
+    answer = handles[0].result(timeout=60)
+    handles[1].result(timeout=60)
+    assert engine.stats["max_batch_seen"] == 2 and len(answer) == NEW_TOKENS
+    # every cached block of prompt + fed answer tokens holds the KV a solo prefill computes
+    req = chat.request(short)
+    seq = torch.tensor(req.input_ids + answer[:-1])
+    extra = np.r_[np.array(req.extra_ids, np.uint64), np.zeros(len(answer) - 1, np.uint64)]
+    cached = engine.prefix_cache.match(block_keys(seq.numpy(), extra, BLOCK, model.llm.config.vocab_size))
+    with torch.inference_mode():
+        embeds = embed_with_prompt_table(
+            seq, model.llm.get_input_embeddings(), req.prompt_table, model.llm.config.vocab_size
+        )
+        solo = model.llm(inputs_embeds=embeds[None], use_cache=True).past_key_values
+    assert len(cached) == seq.numel() // BLOCK
+    for i, block in enumerate(cached):
+        for layer, kv in enumerate(solo.layers):
+            cols = slice(i * BLOCK, (i + 1) * BLOCK)
+            torch.testing.assert_close(block[layer, 0], kv.keys[0, :, cols], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(block[layer, 1], kv.values[0, :, cols], rtol=1e-4, atol=1e-4)
+    follow = short + answer + model.tokenizer.encode(" Why?", add_special_tokens=False)
+    before = engine.stats["reused_tokens"]
+    assert engine.generate(chat.request(follow), timeout=60) == chat.reference(follow)
+    fed = len(chat.request(short).input_ids) + len(answer) - 1
+    assert engine.stats["reused_tokens"] - before == fed // BLOCK * BLOCK > len(chat.request(short).input_ids)
 
 
 def test_seeded_samples_are_identical_with_and_without_reuse(models, engines):
