@@ -30,8 +30,8 @@ it builds its decode masks for that backend and never switches it (for grouped K
 caller may choose triton_models.lib.attention's "sdpa_native_gqa").
 
 API (thread-safe; handles are consumed by one thread each):
-    engine = LLMEngine(llm, max_batch_size=8, device="cpu")
-    handle = engine.submit(GenerationRequest(input_ids, prompt_table, max_new_tokens=..., ...),
+    engine = LLMEngine(llm, max_batch_size=8, device="cpu", prefix_cache=PrefixCache(16, 1 << 30))
+    handle = engine.submit(GenerationRequest(input_ids, prompt_table, max_new_tokens=..., extra_ids=..., ...),
                            callback=None)   # optional callback(handle, token | None, final) in the engine thread
     for token in handle: ...            # streams new ids; raises the request's error, if any
     handle.poll()                       # non-blocking: (new tokens, finished)
