@@ -48,6 +48,7 @@ def engines():
 
     def make(llm, budget_bytes: int | None = 64 << 20, **kw):
         cache = None if budget_bytes is None else PrefixCache(BLOCK, budget_bytes)
+        kw.setdefault("min_reuse_fraction", 0.0)  # exercise every reuse, however short
         made.append(LLMEngine(llm, prefix_cache=cache, **kw))
         return made[-1]
 
@@ -337,3 +338,21 @@ def test_failures_cache_nothing_and_cancelled_rows_are_kept(models, engines):
     with pytest.raises(ValueError, match="2\\*\\*64"):
         engine.submit(GenerationRequest([1, 2], extra_ids=[0, -1]))
     assert engine.generate(GenerationRequest([1, 2], max_new_tokens=1, extra_ids=[0, 2**64 - 1])) is not None
+
+
+def test_a_short_cached_prefix_is_not_worth_its_masked_prefill(models, engines):
+    """By default a cached prefix under half the prompt (the text before a new image) is not used."""
+    model = models("llama")
+    a, b = Chat(model, (1,)), Chat(model, (2,))
+    engine = engines(model.llm, min_reuse_fraction=0.5)
+    ids = a.prompt_ids(QUESTIONS[0])
+    assert engine.generate(a.request(ids)) == a.reference(ids)
+    hits = engine.prefix_cache.stats["hit_blocks"]
+    assert engine.generate(b.request(ids)) == b.reference(ids)
+    assert engine.stats["reused_tokens"] == 0 and engine.prefix_cache.stats["hit_blocks"] == hits  # all misses
+    a.answered(QUESTIONS[0], engine.generate(a.request(ids)))
+    follow = a.prompt_ids(QUESTIONS[1])  # a's image and first turn: most of the prompt
+    assert engine.generate(a.request(follow)) == a.reference(follow)
+    assert engine.stats["reused_tokens"] > len(a.request(follow).input_ids) / 2
+    with pytest.raises(ValueError, match="min_reuse_fraction"):
+        LLMEngine(model.llm, min_reuse_fraction=1.5)

@@ -81,15 +81,8 @@ class PrefixCache:
 
     def match(self, keys: list[bytes]) -> list[torch.Tensor]:
         """The cached blocks of the longest cached prefix of `keys` (counted as hits/misses, touched)."""
-        found = []
-        for key in keys:
-            block = self._blocks.get(key)
-            if block is None:
-                break
-            found.append(key)
-        self._touch(found)
-        self.stats["hit_blocks"] += len(found)
-        self.stats["miss_blocks"] += len(keys) - len(found)
+        found = self._longest(keys)
+        self._use(keys, found)
         return [self._blocks[k].kv for k in found]
 
     def insert(self, keys: list[bytes], block_kv: Callable[[int], torch.Tensor]) -> int:
@@ -122,16 +115,21 @@ class PrefixCache:
         self.stats["inserted_blocks"] += added
         return added
 
-    def load(self, keys: list[bytes], cache, limit: int, device: torch.device | str = "cpu") -> int:
-        """Put the longest cached prefix of `keys` (at most `limit` tokens) into an empty HF `cache`.
+    def load(
+        self, keys: list[bytes], cache, limit: int, device: torch.device | str = "cpu", min_tokens: int = 1
+    ) -> int:
+        """Put the longest cached prefix of `keys` (at most `limit` tokens) into an empty HF `cache`,
+        unless it is shorter than `min_tokens` (then nothing is used: all misses).
 
-        Returns the number of tokens loaded (0: nothing cached, `cache` untouched).
+        Returns the number of tokens loaded (0: `cache` untouched).
         """
-        blocks = self.match(keys)
-        n = min(len(blocks) * self.block_tokens, limit)
-        if n <= 0:
+        found = self._longest(keys)
+        n = min(len(found) * self.block_tokens, limit)
+        if n <= 0 or n < min_tokens:
+            self._use(keys, [])
             return 0
-        kv = torch.cat(blocks, dim=3)[:, :, :, :n].to(device)  # (layers, 2, heads, n, head_dim)
+        self._use(keys, found)
+        kv = torch.cat([self._blocks[k].kv for k in found], dim=3)[:, :, :, :n].to(device)
         for layer in range(kv.shape[0]):
             cache.update(kv[layer, 0][None], kv[layer, 1][None], layer)
         return n
@@ -157,6 +155,19 @@ class PrefixCache:
         return sum(b.kv.untyped_storage().nbytes() for b in self._blocks.values())
 
     # ---- internals -------------------------------------------------------------------------------
+    def _longest(self, keys: list[bytes]) -> list[bytes]:
+        found = []
+        for key in keys:
+            if key not in self._blocks:
+                break
+            found.append(key)
+        return found
+
+    def _use(self, keys: list[bytes], found: list[bytes]) -> None:
+        self._touch(found)
+        self.stats["hit_blocks"] += len(found)
+        self.stats["miss_blocks"] += len(keys) - len(found)
+
     def _touch(self, chain: list[bytes]) -> None:
         for key in reversed(chain):  # the root ends up most recent: leaves are evicted first
             self._blocks.move_to_end(key)
