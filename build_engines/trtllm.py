@@ -119,6 +119,8 @@ def trtllm_build_argv(
         "enable",
         "--context_fmha",
         "enable",
+        # paged context FMHA is what KV-cache reuse needs (without it the executor turns reuse off);
+        # never --gather_context_logits: context logits switch reuse off too
         "--use_paged_context_fmha",
         "enable",
     ]

@@ -395,3 +395,60 @@ def test_a_stale_timing_cache_is_reported_and_replaced(tmp_path, accept):
         assert cache[1] == b"stale bytes" and "loaded 11 bytes" in log[0]
     else:
         assert cache[1] == b"" and "rejected" in log[0] and "stale" in log[0]
+
+
+# ---- KV cache reuse --------------------------------------------------------------------------------------
+def test_extra_ids_input_is_the_backends(gpu_repo):
+    inputs = {i.name: i for i in parse(gpu_repo()[0] / "tensorrt_llm" / "config.pbtxt").input}
+    spec = inputs[F.EXTRA_IDS_INPUT]
+    assert (dtype(spec.data_type), list(spec.dims)) == F.EXTRA_IDS_SPEC, str(F.EXTRA_IDS_READER)
+    assert spec.optional and spec.allow_ragged_batch  # one value per input id: as ragged as input_ids
+    assert F.EXTRA_IDS_INPUT in F.BACKEND_INPUT_NAMES and F.INPUT_SPECS[F.EXTRA_IDS_INPUT] == F.EXTRA_IDS_SPEC
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_kv_cache_reuse_is_always_written_explicitly(tiny_checkpoints, tmp_path, reuse):
+    """Absent, the backend turns reuse on: "off" must be written, and it follows `--kv_cache_reuse`."""
+    ckpt = tiny_checkpoints("llama")
+    cfg = fake_vision(tmp_path / "eng", ckpt, "tensorrt")
+    fake_llm_engine(tmp_path / "eng", cfg, dtype="float16", max_images_per_request=1)
+    repo = build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "gpu", kv_cache_reuse=reuse)
+    p = params(parse(repo / "tensorrt_llm" / "config.pbtxt"))
+    assert F.KV_REUSE_DEFAULT_WHEN_ABSENT and F.KV_REUSE_PARAMETER in p, str(F.MODEL_INSTANCE_STATE)
+    assert p[F.KV_REUSE_PARAMETER] == ("true" if reuse else "false") and p[F.KV_REUSE_PARAMETER] in F.BOOL_STRINGS
+
+
+@pytest.mark.parametrize("qformat,dtype_,kv", [("full_prec", "float16", None), ("fp8", "bfloat16", "fp8")])
+def test_the_engine_build_enables_what_kv_reuse_needs(tmp_path, qformat, dtype_, kv):
+    limits = T.engine_limits(max_batch_size=4, tokens_per_image=576, max_images_per_request=1, max_input_len=2048)
+    argv = T.trtllm_build_argv("checkpoint", "engine", limits, dtype=dtype_, qformat=qformat, kv_cache_dtype=kv)
+    flags = script_flags(T.write_build_script(tmp_path / "build_engine.sh", argv))
+    for flag, value in F.REUSE_REQUIRED_BUILD_FLAGS.items():
+        assert flags.get(flag) == value, (flag, str(F.REUSE_ENGINE_CHECKS))
+    assert not set(flags) & set(F.REUSE_FORBIDDEN_BUILD_FLAGS), str(F.BUILD_PY)
+
+
+def test_with_reuse_on_every_image_request_carries_extra_ids(gpu_repo):
+    """With reuse on, the executor rejects an image request without extra ids (F.REUSE_VALIDATION)."""
+    repo = gpu_repo()[0]
+    assert params(parse(repo / "tensorrt_llm" / "config.pbtxt"))[F.KV_REUSE_PARAMETER] == "true"
+    step = next(
+        s for s in parse(repo / "ensemble" / "config.pbtxt").ensemble_scheduling.step if s.model_name == "tensorrt_llm"
+    )
+    assert F.EXTRA_IDS_INPUT in step.input_map and "prompt_embedding_table" in step.input_map
+    assert params(parse(repo / "mgm_bls" / "config.pbtxt"))["llm_takes_extra_ids"] == "true"
+
+
+def test_the_cpu_engine_keys_blocks_as_the_executor_does():
+    """(id, extra id) for every token, text included; no extra ids = extra id 0 (F.EXTRA_IDS_PER_INPUT_TOKEN)."""
+    from triton_models.lib.engine.prefix_cache import block_keys
+
+    vocab = 1000
+    text = np.arange(10, 42)
+    assert block_keys(text, np.full(32, F.DEFAULT_EXTRA_ID, np.uint64), 16, vocab) == block_keys(text, None, 16, vocab)
+    marked = np.zeros(32, np.uint64)
+    marked[20] = 7  # an extra id on a text token is part of its key, as in the executor's UniqueToken
+    keys, other = block_keys(text, None, 16, vocab), block_keys(text, marked, 16, vocab)
+    assert keys[0] == other[0] and keys[1] != other[1]
+    image = np.r_[np.arange(3), vocab + np.arange(29)]
+    assert block_keys(image, None, 16, vocab) == []  # fake ids without extra ids: never keyed

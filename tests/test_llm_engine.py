@@ -255,10 +255,10 @@ def test_bad_request_fails_alone(models, engine_factory):
     # an unexpected exception inside one request's prefill is isolated the same way
     original = engine._embed_prompt
 
-    def flaky(handle):
+    def flaky(handle, *args):
         if handle.request_id == "boom":
             raise RuntimeError("boom")
-        return original(handle)
+        return original(handle, *args)
 
     engine._embed_prompt = flaky
     boom = engine.submit(GenerationRequest([5, 6, 7], max_new_tokens=3, request_id="boom"))

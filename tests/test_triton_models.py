@@ -47,6 +47,8 @@ def values(model_dir, **extra):
         vocab_offset=config.vocab_size,
         image_cache_mb=64,
         **extra_ids_values(True),
+        kv_cache_reuse="true",
+        kv_cache_mb=64,
     )
     out.update(extra)
     return out

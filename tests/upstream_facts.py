@@ -331,3 +331,60 @@ IMAGE_TENSORRT = "10.14.1.48"
 MODELOPT_PIN = "nvidia-modelopt[torch]~=0.37.0"
 # IBuilderConfig::setTimingCache(cache, ignoreMismatch) returns bool: false = cache not attached
 SET_TIMING_CACHE_RETURNS_BOOL = TENSORRT_HEADER
+
+# ---- KV cache reuse with a prompt table --------------------------------------------------------------
+# Read with the search tool's read_file (NVIDIA/TensorRT-LLM, the stored copy of each file at this commit).
+COMMIT_LLM_REQUEST_H = "00e9b8a773a690c1182ba23717e6c660a2246b70"
+COMMIT_LLM_REQUEST_CC = "119c6e60e65e5ecec4e97afdb6ea584f674aed24"
+COMMIT_KV_CACHE_MANAGER = "002ba6a7cc5eb28f180d45d4a91142d9d927a606"
+COMMIT_TRT_GPT_MODEL_IFB = "00825c4ee813bdc5eb2e5cf218b644b8c18ce2ec"
+LLM_REQUEST_H = Source(TRTLLM, "cpp/include/tensorrt_llm/batch_manager/llmRequest.h", COMMIT_LLM_REQUEST_H)
+LLM_REQUEST_CC = Source(TRTLLM, "cpp/tensorrt_llm/batch_manager/llmRequest.cpp", COMMIT_LLM_REQUEST_CC)
+KV_CACHE_MANAGER = Source(TRTLLM, "cpp/tensorrt_llm/batch_manager/kvCacheManager.cpp", COMMIT_KV_CACHE_MANAGER)
+TRT_GPT_MODEL_IFB = Source(
+    TRTLLM, "cpp/tensorrt_llm/batch_manager/trtGptModelInflightBatching.cpp", COMMIT_TRT_GPT_MODEL_IFB
+)
+
+# utils.h InputFieldsNames::InputTokenExtraIds = "prompt_table_extra_ids"
+EXTRA_IDS_INPUT = "prompt_table_extra_ids"
+# utils.cc getPromptTuningConfigFromTensors: extractVector<uint64_t> copies the tensor's raw buffer as uint64
+# (no dtype check: anything but 8-byte unsigned ids is misread), one flat vector per request
+EXTRA_IDS_SPEC = ("TYPE_UINT64", [-1])
+EXTRA_IDS_READER = UTILS_CC
+# ... and only inside `if (inputsTensors.count(promptEmbeddingTable))`: without a table the input is ignored;
+# with one it is kept only when `InputTokenExtraIds.size() == inputlen` (input_ids' length), else dropped
+# silently (PromptTuningConfig without extra ids)
+EXTRA_IDS_ONLY_WITH_A_TABLE = UTILS_CC
+EXTRA_IDS_LENGTH_MUST_EQUAL_INPUT_IDS = UTILS_CC
+# llmRequest.h initialize(): every input token, text included, becomes UniqueToken{tokenId, tokenExtraId};
+# no extra ids: "Default extra id is 0" for every token. The ids are not restricted to fake ids (>= vocab):
+# any value may mark any token; 0 for text is the convention that equals the default.
+EXTRA_IDS_PER_INPUT_TOKEN = LLM_REQUEST_H
+DEFAULT_EXTRA_ID = 0
+# kvCacheManager.cpp: BlockKey == compares usesExtraIds, loraTaskId, uniqueTokens (id, extra id pairs),
+# extraKeys and cacheSaltID; BlockKeyHasher mixes each token's extra id in only when usesExtraIds and seeds
+# with the parent block's hash (a chained key). usesExtraIds = the request has extra ids: a request with
+# extra ids and one without never share a block, even of text.
+BLOCK_KEY_FIELDS = ("usesExtraIds", "loraTaskId", "uniqueTokens", "extraKeys", "cacheSaltID")
+BLOCK_KEYS = KV_CACHE_MANAGER
+# llmRequest.cpp validate(): with enableKVCacheReuse, a request carrying a prompt table (and its vocab size)
+# fails unless it has extra ids of exactly the prompt's length
+REUSE_WITH_TABLE_NEEDS_EXTRA_IDS = (
+    "Input token extra ids must be provided when enabling kv cache reuse with prompt table"
+)
+REUSE_VALIDATION = LLM_REQUEST_CC
+# model_instance_state.cc getKvCacheConfigFromParams (@ COMMIT_MODEL_INSTANCE): GetParameter<bool>
+# ("enable_kv_cache_reuse"); absent: "enable_kv_cache_reuse is not specified, will be set to true"
+KV_REUSE_PARAMETER = "enable_kv_cache_reuse"
+KV_REUSE_DEFAULT_WHEN_ABSENT = True
+# trtGptModelInflightBatching.cpp fixExecutorConfig: block reuse is switched off (a warning, no error) when
+# the engine lacks paged context FMHA or computes context logits; inflight batching itself requires the
+# GPT attention plugin with packed input and a paged KV cache
+REUSE_ENGINE_CHECKS = TRT_GPT_MODEL_IFB
+REUSE_REQUIRED_BUILD_FLAGS = {
+    "--use_paged_context_fmha": "enable",
+    "--kv_cache_type": "paged",
+    "--remove_input_padding": "enable",
+}
+# build.py: --gather_all_token_logits sets gather_context_logits (context logits: reuse off)
+REUSE_FORBIDDEN_BUILD_FLAGS = ("--gather_context_logits", "--gather_all_token_logits")

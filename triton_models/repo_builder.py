@@ -61,6 +61,7 @@ CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as f
 # images of a 7B chat (a few dozen at every non-HD size, ~10 HD) at a fraction of the LLM's memory.
 DEFAULT_IMAGE_CACHE_MB = 512
 EXTRA_IDS_INPUT = "prompt_table_extra_ids"
+DEFAULT_KV_CACHE_MB = 1024  # CPU prefix KV cache: fp32 KV is ~36 KiB/token for MGM-2B, ~1 MiB/token for 7B
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -155,6 +156,8 @@ def template_values(
     instances: int,
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
     llm_takes_extra_ids: bool = False,
+    kv_cache_reuse: bool = True,
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
 ) -> dict[str, object]:
     """Every template value, read from the LLM contract (never recomputed here); the vision artifact's
     shapes are checked against the checkpoint by `vision_contract`."""
@@ -177,9 +180,11 @@ def template_values(
         "vocab_offset": contract.vocab_offset,
         "image_cache_mb": int(image_cache_mb) if float(image_cache_mb).is_integer() else image_cache_mb,
         **extra_ids_values(llm_takes_extra_ids),
+        "kv_cache_reuse": "true" if kv_cache_reuse else "false",
     }
     if contract.runtime == "pytorch":
         values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
+        values.update(kv_cache_mb=kv_cache_mb)
     else:
         values.update(llm_engine_dir=(engine_dir / "llm" / "engine").resolve(), tokenizer_dir=model_dir.resolve())
     return values
@@ -197,7 +202,11 @@ def build_repo(
     max_images_per_request: int | None = None,
     name: str | None = None,
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+    kv_cache_reuse: bool = True,
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
 ) -> Path:
+    if kv_cache_mb < 0:
+        raise ValueError(f"--kv_cache_mb must be >= 0, got {kv_cache_mb}")
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
 
@@ -213,6 +222,8 @@ def build_repo(
                 max_seq_len,
                 max_images_per_request,
                 image_cache_mb=image_cache_mb,
+                kv_cache_reuse=kv_cache_reuse,
+                kv_cache_mb=kv_cache_mb,
             ),
             Path(output_dir),
             name,
@@ -236,7 +247,9 @@ def build_repo(
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
     takes_extra_ids = llm_declares(texts["tensorrt_llm"], EXTRA_IDS_INPUT)
-    values = template_values(model_dir, engine_dir, contract, instances, image_cache_mb, takes_extra_ids)
+    values = template_values(
+        model_dir, engine_dir, contract, instances, image_cache_mb, takes_extra_ids, kv_cache_reuse, kv_cache_mb
+    )
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
@@ -276,6 +289,19 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help=f"image-feature cache per vision_encoder instance, MB (0 = off; default {DEFAULT_IMAGE_CACHE_MB})",
     )
     parser.add_argument(
+        "--kv_cache_reuse",
+        choices=("on", "off"),
+        default="on",
+        help="reuse the KV of cached prompt prefixes (cpu: the engine's prefix cache; gpu: TensorRT-LLM's "
+        "enable_kv_cache_reuse); off: every prompt is prefilled whole (for benchmarks)",
+    )
+    parser.add_argument(
+        "--kv_cache_mb",
+        type=int,
+        default=DEFAULT_KV_CACHE_MB,
+        help="cpu: MiB of prefix KV kept for reuse (LRU; 0 = no reuse)",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -304,7 +330,9 @@ def run_repo_build(args: argparse.Namespace) -> Path:
         args.max_seq_len,
         args.max_images_per_request,
         getattr(args, "name", None),
-        getattr(args, "image_cache_mb", DEFAULT_IMAGE_CACHE_MB),
+        image_cache_mb=getattr(args, "image_cache_mb", DEFAULT_IMAGE_CACHE_MB),
+        kv_cache_reuse=getattr(args, "kv_cache_reuse", "on") == "on",
+        kv_cache_mb=getattr(args, "kv_cache_mb", DEFAULT_KV_CACHE_MB),
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -6,7 +6,8 @@ gets explicit position ids, so every row computes exactly what it would compute 
 writes one column in place (no re-concatenation of the cache); capacity grows geometrically. Columns
 are only moved when a request joins with a prompt longer than L (the others shift right), when a row
 leaves (the last row moves into its slot) or when every remaining row carries a lot of left padding
-(all shift left).
+(all shift left). Row r's columns [pads[r], L) are exactly its prompt plus the generated tokens fed
+back so far: what the prefix cache copies when the row leaves.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from triton_models.lib.sampling import RowSampling
@@ -49,6 +50,9 @@ class GenerationRequest:
     seed: int | None = None  # per-request generator: results independent of batch mates
     stop_ids: list[int] = field(default_factory=list)  # generation ends when one is produced (not returned)
     request_id: str = ""
+    # TensorRT-LLM's prompt_table_extra_ids: one uint64 per input id, 0 for text, the image's key for
+    # its rows; KV of prompt-table rows is reused only where these agree (None: never past a fake id)
+    extra_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ValidRequest:
     stop_ids: frozenset
     max_new_tokens: int
     request_id: str = ""
+    extra_ids: np.ndarray | None = None  # (L,) uint64, or None
 
 
 _END = object()
@@ -269,6 +274,7 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
         stops = frozenset(int(s) for s in r.stop_ids)
     except (TypeError, ValueError):
         raise ValueError("stop_ids must be a list of integers") from None
+    extra_ids = _extra_ids(r.extra_ids, ids.numel())
     sampling = RowSampling(temperature=temperature, top_p=top_p, top_k=top_k)
     if not sampling.greedy:  # a generator of its own: no global RNG is read or reseeded
         sampling.generator = torch.Generator()
@@ -277,5 +283,34 @@ def validate(r: GenerationRequest, limits: EngineLimits) -> ValidRequest:
         else:
             sampling.generator.manual_seed(seed % (2**64))
     return ValidRequest(
-        ids=ids, table=table, sampling=sampling, stop_ids=stops, max_new_tokens=max_new, request_id=str(r.request_id)
+        ids=ids,
+        table=table,
+        sampling=sampling,
+        stop_ids=stops,
+        max_new_tokens=max_new,
+        request_id=str(r.request_id),
+        extra_ids=extra_ids,
     )
+
+
+def _extra_ids(raw, length: int) -> np.ndarray | None:
+    """uint64 extra ids, one per input id (None stays None)."""
+    if raw is None:
+        return None
+    bad = ValueError("extra_ids must be a list of integers in [0, 2**64)")
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().cpu().numpy()
+    if isinstance(raw, np.ndarray):
+        arr = raw.reshape(-1)
+        if arr.size and (arr.dtype.kind not in "iu" or (arr.dtype.kind == "i" and arr.min() < 0)):
+            raise bad
+    else:  # Python ints one by one: numpy turns a list mixing 0 and 2**63 into floats
+        values = []
+        for x in raw:
+            if isinstance(x, bool) or not isinstance(x, int | np.integer) or not 0 <= int(x) < 2**64:
+                raise bad
+            values.append(int(x))
+        arr = np.array(values, dtype=np.uint64)
+    if arr.size != length:
+        raise ValueError(f"extra_ids has {arr.size} values but input_ids has {length}: give one per input id")
+    return arr.astype(np.uint64)

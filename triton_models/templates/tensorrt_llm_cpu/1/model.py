@@ -4,6 +4,10 @@
 submits to the engine with a callback that only hands tokens over to the loop, and sends its responses
 from the loop. So every python-backend call of this model happens on one thread; the engine thread
 never touches pb_utils (concurrent senders crashed the stub).
+
+With `enable_kv_cache_reuse` the engine keeps a prefix KV cache of `kv_cache_mb` MiB, keyed by
+(token id, prompt_table_extra_ids value) pairs; its counters are Triton custom metrics (`StatsMetrics`),
+updated from the event loop when a request ends.
 """
 
 import asyncio
@@ -15,9 +19,11 @@ import triton_python_backend_utils as pb_utils
 
 from mgm_ref.loader import load_llm
 from triton_models.lib import attention
-from triton_models.lib.engine import GenerationRequest, LLMEngine
+from triton_models.lib.engine import GenerationRequest, LLMEngine, PrefixCache
 from triton_models.lib.preprocess import single_token_stops
+from triton_models.lib.stats_metrics import StatsMetrics
 from triton_models.lib.triton_io import (
+    ModelConfigError,
     check_config,
     error_response,
     optional_input,
@@ -28,6 +34,23 @@ from triton_models.lib.triton_io import (
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.2  # how often a request that is waiting for tokens checks whether its client left
+TRUE, FALSE = ("true", "1"), ("false", "0")  # what enable_kv_cache_reuse accepts (any case)
+
+# metric name -> (kind, description, engine snapshot key)
+KV_CACHE_METRICS = {
+    "mgm_kv_cache_hit_blocks_total": ("COUNTER", "prompt KV blocks taken from the prefix cache", "prefix_hit_blocks"),
+    "mgm_kv_cache_miss_blocks_total": ("COUNTER", "keyable prompt KV blocks not in the cache", "prefix_miss_blocks"),
+    "mgm_kv_cache_evicted_blocks_total": (
+        "COUNTER",
+        "KV blocks evicted to stay within the budget",
+        "prefix_evicted_blocks",
+    ),
+    "mgm_kv_cache_reused_tokens_total": ("COUNTER", "prompt tokens not prefilled thanks to the cache", "reused_tokens"),
+    "mgm_kv_cache_prefilled_tokens_total": ("COUNTER", "prompt tokens prefilled", "prefill_tokens"),
+    "mgm_kv_cache_blocks": ("GAUGE", "KV blocks held by the prefix cache", "prefix_blocks"),
+    "mgm_kv_cache_bytes": ("GAUGE", "bytes held by the prefix cache", "prefix_bytes"),
+    "mgm_kv_cache_budget_bytes": ("GAUGE", "byte budget of the prefix cache", "prefix_budget_bytes"),
+}
 
 
 class TritonPythonModel:
@@ -50,8 +73,31 @@ class TritonPythonModel:
         torch.set_num_threads(int(params.get("threads") or 1))
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
         attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
-        self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]))
+        prefix_cache = self.prefix_cache_from(params)
+        self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]), prefix_cache=prefix_cache)
+        self.metrics = None
+        if prefix_cache is not None:
+            self.metrics = StatsMetrics(
+                KV_CACHE_METRICS, {"model": args["model_name"], "version": str(args.get("model_version", "1"))}
+            )
+            self.metrics.update(self.engine.snapshot())
         self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
+
+    @staticmethod
+    def prefix_cache_from(params: dict[str, str]) -> PrefixCache | None:
+        """The prefix KV cache the parameters ask for (None: reuse off or a zero budget)."""
+        flag = params.get("enable_kv_cache_reuse", "false").lower()
+        if flag not in TRUE + FALSE:
+            raise ModelConfigError(f"enable_kv_cache_reuse must be true or false, got {flag!r}")
+        try:
+            mb, block = float(params.get("kv_cache_mb", "0")), int(params.get("kv_block_tokens", "16"))
+        except ValueError:
+            raise ModelConfigError("kv_cache_mb must be a number and kv_block_tokens an integer") from None
+        if mb < 0 or block < 1:
+            raise ModelConfigError(f"kv_cache_mb must be >= 0 and kv_block_tokens >= 1, got {mb}, {block}")
+        if flag in FALSE or mb == 0:
+            return None
+        return PrefixCache(block_tokens=block, budget_bytes=int(mb * (1 << 20)))
 
     async def execute(self, requests):
         await asyncio.gather(*(self.serve(r) for r in requests))
@@ -80,6 +126,8 @@ class TritonPythonModel:
         finally:
             if self.running.get(key) is handle:
                 del self.running[key]
+            if self.metrics is not None:
+                self.metrics.update(self.engine.snapshot())
 
     def stop(self, request_id: str) -> None:
         """Cancel the running request with this id (TensorRT-LLM's `stop` input); unknown ids are
@@ -115,6 +163,7 @@ class TritonPythonModel:
         table = None if table is None or table.size == 0 else torch.from_numpy(table.reshape(-1, table.shape[-1]))
         end_id = scalar_input(request, "end_id")
         stops = single_token_stops(optional_input(request, "stop_words_list"))
+        extra = optional_input(request, "prompt_table_extra_ids")
         gen = GenerationRequest(
             input_ids=ids,
             prompt_table=table,
@@ -125,6 +174,7 @@ class TritonPythonModel:
             seed=scalar_input(request, "seed"),
             stop_ids=([int(end_id)] if end_id is not None else []) + stops,
             request_id=request.request_id(),
+            extra_ids=None if extra is None or extra.size == 0 else extra.reshape(-1),
         )
         return gen, bool(scalar_input(request, "streaming", False))
 

@@ -2,6 +2,7 @@
 the feature cache, and the misses run together; the cache's counters are Triton custom metrics."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -9,6 +10,7 @@ import triton_python_backend_utils as pb_utils
 from mgm_ref.errors import MGMError
 from triton_models.lib.image_encoder import MB, ImageFeatureEncoder
 from triton_models.lib.preprocess import split_images
+from triton_models.lib.stats_metrics import StatsMetrics
 from triton_models.lib.triton_io import check_config, error_response, optional_input, params_of, use_utf8_locale
 from triton_models.lib.vision_runner import VisionRunner
 
@@ -25,29 +27,6 @@ CACHE_METRICS = {
     "mgm_image_cache_entries": ("GAUGE", "Images the image-feature cache holds", "entries"),
     "mgm_image_cache_budget_bytes": ("GAUGE", "The image-feature cache's byte budget (0: off)", "budget_bytes"),
 }
-
-
-class CacheMetrics:
-    """The cache's stats as metrics of this model instance (counters advance by the stats' deltas)."""
-
-    def __init__(self, labels: dict[str, str]):
-        self.families, self.metrics = [], {}
-        for name, (kind, description, field) in CACHE_METRICS.items():
-            family = pb_utils.MetricFamily(
-                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
-            )
-            self.families.append(family)  # a family must outlive its metrics (the backend checks)
-            self.metrics[field] = (kind, family.Metric(labels=labels))
-        self.reported = {field: 0 for field in self.metrics}
-
-    def update(self, stats) -> None:
-        for field, (kind, metric) in self.metrics.items():
-            value = getattr(stats, field)
-            if kind == "GAUGE":
-                metric.set(value)
-            elif value > self.reported[field]:
-                metric.increment(value - self.reported[field])
-            self.reported[field] = value
 
 
 class TritonPythonModel:
@@ -67,8 +46,8 @@ class TritonPythonModel:
         cache_bytes = int(float(params["image_cache_mb"]) * MB)
         self.encoder = ImageFeatureEncoder.for_checkpoint(params["model_dir"], runner, cache_bytes)
         labels = {"model": args.get("model_name", config["name"]), "version": str(args.get("model_version", ""))}
-        self.metrics = CacheMetrics(labels)
-        self.metrics.update(self.encoder.cache.stats())
+        self.metrics = StatsMetrics(CACHE_METRICS, labels)
+        self.metrics.update(asdict(self.encoder.cache.stats()))
         # The table goes to the LLM in the engine's dtype (TensorRT-LLM rejects any other): fp32 on the
         # CPU path, fp16 or bf16 for TensorRT-LLM. numpy has no bf16, so that one leaves through DLPack.
         out = pb_utils.get_output_config_by_name(config, "OUT_PROMPT_EMBEDDING_TABLE")
@@ -88,7 +67,7 @@ class TritonPythonModel:
         except Exception as e:  # noqa: BLE001 - the batch failed in one call: tell every request
             return [error_response(e) for _ in requests]
         finally:
-            self.metrics.update(self.encoder.cache.stats())
+            self.metrics.update(asdict(self.encoder.cache.stats()))
         return [self.respond(errors[i] if i in errors else next(results)) for i in range(len(requests))]
 
     def respond(self, result):
