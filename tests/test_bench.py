@@ -299,3 +299,24 @@ def test_short_served_run_writes_a_report(tiny_checkpoints, tmp_path):
     for name in ("throughput_vs_concurrency.png", "latency_vs_concurrency.png", "ttft_vs_concurrency.png"):
         assert (out / name).stat().st_size > 1000
     assert not list((out / "raw").glob("profile_*.json"))  # large exports are not kept by default
+
+
+@pytest.mark.server
+def test_multiturn_benchmark_compares_cached_and_uncached_variants(tmp_path, capsys):
+    out = tmp_path / "multiturn.json"
+    rc = bench.main(
+        ["multiturn", "--chats", "2", "--turns", "3", "--concurrency", "2", "--max_tokens", "4"]
+        + ["--work_dir", str(tmp_path / "work"), "--output_file", str(out)]
+    )
+    assert rc == 0  # 1 would mean the two variants answered differently
+    level = json.loads(out.read_text())["results"]["2"]
+    assert level["identical_answers"] is True
+    for variant in ("cached", "uncached"):
+        assert set(level[variant]["ttft_p50_ms_by_turn"]) == {"1", "2", "3"}
+        assert level[variant]["turns_per_s"] > 0
+    counters = level["cached"]["cache_counters"]
+    # 2 chats x 3 turns: each image misses once and hits twice; turns 2-3 reuse their prefix
+    assert any("hit" in k and v == 4 for k, v in counters.items()), counters
+    assert any("miss" in k and v == 2 for k, v in counters.items()), counters
+    assert not any("hit" in k and v for k, v in level["uncached"]["cache_counters"].items())
+    assert "turn 2+ TTFT speed-up" in capsys.readouterr().out

@@ -7,8 +7,8 @@ One tritonserver serves the same checkpoint twice, as two variants of one reposi
 image-feature cache and the engine's prefix KV reuse on, the defaults) and `uncached` (both off). Each
 chat sends its image with every turn and keeps the history client-side, as OpenAI clients do; turn
 k+1's prompt therefore starts with turn k's prompt and answer. Per concurrency level both variants
-run the same chats (fresh images per level, so every level starts cold) in alternating order, and
-the report gives the streamed client-side TTFT per turn, the turn-2+ speed-up (target >= 5x for the
+run the same chats (fresh images per level, so every level starts cold), `concurrency` chats at a
+time, the variants taking turns group by group. The report gives the streamed client-side TTFT per turn, the turn-2+ speed-up (target >= 5x for the
 tiny model, >= 10x at 7B vision sizes), the turn-1 cost of the caches (target <= 5 %), throughput,
 the cache counters from Triton's metrics endpoint, and whether both variants answered identically.
 """
@@ -79,10 +79,14 @@ def run_chat(url: str, variant: str, chat: int, image: bytes, turns: int, max_to
     return out
 
 
-def run_level(url: str, variant: str, images: list[bytes], concurrency: int, turns: int, max_tokens: int):
+def run_level(
+    url: str, variant: str, images: list[bytes], concurrency: int, turns: int, max_tokens: int, first_chat: int = 0
+):
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        chats = list(pool.map(lambda i: run_chat(url, variant, i, images[i], turns, max_tokens), range(len(images))))
+        chats = list(
+            pool.map(lambda i: run_chat(url, variant, first_chat + i, images[i], turns, max_tokens), range(len(images)))
+        )
     return [t for chat in chats for t in chat], time.perf_counter() - t0
 
 
@@ -116,19 +120,29 @@ def run(url: str, metrics_url: str, levels: list[int], chats: int, turns: int, m
     results: dict = {}
     for level_index, c in enumerate(levels):
         images = [chat_image(seed=1000 * (level_index + 1) + i) for i in range(chats)]
-        order = VARIANTS if level_index % 2 == 0 else VARIANTS[::-1]  # alternate: drift hits both
+        done: dict[str, list[Turn]] = {v: [] for v in VARIANTS}
+        wall = dict.fromkeys(VARIANTS, 0.0)
+        counters = {v: {} for v in VARIANTS}
+        log(f"concurrency {c}: {chats} chats x {turns} turns through each of {', '.join(VARIANTS)}")
+        # `c` chats at a time through one variant, then the same chats through the other, the order
+        # alternating from group to group: load drift on a shared machine hits both variants alike.
+        for g, start in enumerate(range(0, chats, c)):
+            group = images[start : start + c]
+            for variant in VARIANTS if g % 2 == 0 else VARIANTS[::-1]:
+                before = cache_counters(metrics_url)
+                got, seconds = run_level(url, variant, group, c, turns, max_tokens, first_chat=start)
+                done[variant] += got
+                wall[variant] += seconds
+                for k, v in _delta(cache_counters(metrics_url), before).items():
+                    counters[variant][k] = counters[variant].get(k, 0.0) + v
         level: dict = {}
-        answers = {}
-        for variant in order:
-            before = cache_counters(metrics_url)
-            log(f"concurrency {c}: {chats} chats x {turns} turns through {variant}")
-            done, wall = run_level(url, variant, images, c, turns, max_tokens)
-            level[variant] = summarize(done, wall, turns)
-            level[variant]["cache_counters"] = _delta(cache_counters(metrics_url), before)
-            answers[variant] = {(t.chat, t.turn): t.text for t in done}
+        for variant in VARIANTS:
+            level[variant] = summarize(done[variant], wall[variant], turns)
+            level[variant]["cache_counters"] = counters[variant]
         on, off = level["cached"], level["uncached"]
         level["speedup_turn2plus"] = off["ttft_p50_ms_turn2plus"] / on["ttft_p50_ms_turn2plus"]
         level["turn1_cost"] = on["ttft_p50_ms_by_turn"][1] / off["ttft_p50_ms_by_turn"][1] - 1
+        answers = {v: {(t.chat, t.turn): t.text for t in done[v]} for v in VARIANTS}
         level["identical_answers"] = answers["cached"] == answers["uncached"]
         results[c] = level
     return results
@@ -206,10 +220,13 @@ def main(argv=None) -> int:
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="mgm-bench-multiturn-"))
     repo = build_two_variant_repo(work, args.vision_size, args.llm)
-    with TritonServer(repo).start(timeout=900) as server:
+    server = TritonServer(repo).start(timeout=900)  # two 7b-size vision encoders take a while to load
+    try:
         for variant in VARIANTS:  # first-request costs (thread pools, allocations) stay out of the numbers
             run_chat(server.grpc_url, variant, -1, chat_image(seed=7), 1, 2)
         results = run(server.grpc_url, server.metrics_url, levels, args.chats, args.turns, args.max_tokens)
+    finally:
+        server.stop()
     print(table(results, args.vision_size, os.getloadavg()))
     if args.output_file:
         args.output_file.write_text(
