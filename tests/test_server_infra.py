@@ -173,7 +173,9 @@ def test_mpirun_command_one_server_per_rank(tmp_path):
         }
         if rank == 0:
             assert "--http-port=8000" in args and "--http-address=127.0.0.1" in args
-            assert not worker_flags & set(args)
+            # explicit model control so that mgm-serve can drain the entry models first; all load
+            assert "--model-control-mode=explicit" in args and "--load-model=*" in args
+            assert not (worker_flags - {"--model-control-mode=explicit"}) & set(args)
         else:
             assert worker_flags <= set(args)
 
@@ -344,6 +346,8 @@ def test_perf_analyzer_smoke(toy_server):
             "999",
             "--max-trials",
             "3",
+            "-H",  # perf_analyzer reads the model config, an admin API
+            "{}:{}".format(*next(iter(toy_server.admin_headers.items()))),
         ],
         timeout=60,
     )
