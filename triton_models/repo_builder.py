@@ -54,6 +54,8 @@ MODELS = {
 
 CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
+# Default queue bound per model: this many waiting requests per batch slot, then "busy" at once.
+QUEUE_PER_SLOT = 4
 CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
 
 
@@ -118,12 +120,18 @@ def gpu_contract(engine_dir: Path, config: MGMConfig, **overrides: int | None) -
 
 
 def template_values(
-    model_dir: Path, engine_dir: Path, contract: LLMContract, vision: VisionContract, instances: int
+    model_dir: Path,
+    engine_dir: Path,
+    contract: LLMContract,
+    vision: VisionContract,
+    instances: int,
+    max_queue_size: int | None = None,
 ) -> dict[str, object]:
     """Every template value, read from the two contracts (never recomputed here)."""
     values = {
         "triton_max_batch_size": contract.max_batch_size,
         "max_queue_delay_microseconds": 1000,
+        "max_queue_size": max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size,
         "model_dir": model_dir.resolve(),
         "lr_dims": ", ".join(map(str, (-1, *vision.images_shape))),
         "image_size_aux": vision.images_aux_shape[-1],
@@ -157,6 +165,7 @@ def build_repo(
     max_seq_len: int | None = None,
     max_images_per_request: int | None = None,
     name: str | None = None,
+    max_queue_size: int | None = None,
 ) -> Path:
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
@@ -172,6 +181,7 @@ def build_repo(
                 max_input_len,
                 max_seq_len,
                 max_images_per_request,
+                max_queue_size=max_queue_size,
             ),
             Path(output_dir),
             name,
@@ -194,7 +204,9 @@ def build_repo(
     # Both backends fill from the contract file as written into the repository: one code path.
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
-    values = template_values(model_dir, engine_dir, contract, vision, instances)
+    if max_queue_size is not None and max_queue_size < 1:
+        raise ValueError(f"--max_queue_size must be >= 1, got {max_queue_size}")
+    values = template_values(model_dir, engine_dir, contract, vision, instances, max_queue_size)
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
@@ -228,6 +240,13 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
     )
     parser.add_argument(
+        "--max_queue_size",
+        type=int,
+        default=None,
+        help=f"requests each model keeps waiting before refusing new ones as busy "
+        f"(default {QUEUE_PER_SLOT} x max_batch_size)",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -256,6 +275,7 @@ def run_repo_build(args: argparse.Namespace) -> Path:
         args.max_seq_len,
         args.max_images_per_request,
         getattr(args, "name", None),
+        getattr(args, "max_queue_size", None),
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -30,6 +30,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.2  # how often a request that is waiting for tokens checks whether its client left
 
 
+def busy_response(waiting: int):
+    """Refusal of a request the engine has no room to queue: UNAVAILABLE (HTTP 503), retry later."""
+    message = f"server busy: {waiting} requests are already waiting for the LLM; retry later"
+    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
@@ -51,6 +59,7 @@ class TritonPythonModel:
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
         attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
         self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]))
+        self.max_queue_size = int(params.get("max_queue_size") or 0)  # 0: unbounded
         self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
     async def execute(self, requests):
@@ -65,6 +74,9 @@ class TritonPythonModel:
             return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
+        if self.max_queue_size and self.engine.num_pending >= self.max_queue_size:
+            sender.send(busy_response(self.engine.num_pending), flags=FINAL)
+            return
         try:
             gen, streaming = self.parse(request)
             # runs in the engine thread: only wake this coroutine, never call the python backend there
