@@ -1,6 +1,7 @@
 """RSS of a process tree's tritonserver and python stubs over time, as CSV (for long soaks).
 
     python -m tests.helpers.rss_sampler ROOT_PID OUT.csv [interval_s]   # until ROOT_PID exits
+    python -m tests.helpers.rss_sampler plot OUT.csv OUT.png
 
 Columns: t_s, then one per process: `tritonserver` or the stub's Triton instance name (MiB).
 """
@@ -55,7 +56,31 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def plot(csv_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    t = [float(r["t_s"]) for r in rows]
+    for name in [k for k in rows[0] if k != "t_s"]:
+        points = [(x, float(r[name])) for x, r in zip(t, rows, strict=True) if r.get(name)]
+        ax.plot([x for x, _ in points], [y for _, y in points], label=name)
+    ax.set_xlabel("soak time (s)")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("tritonserver and python stubs, RSS during the soak")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "plot":
+        plot(Path(argv[1]), Path(argv[2]))
+        return
     root, out = int(argv[0]), Path(argv[1])
     interval = float(argv[2]) if len(argv) > 2 else 5.0
     rows, names, start = [], [], time.monotonic()
