@@ -30,6 +30,7 @@ def values(model_dir, **extra):
     out = dict(
         triton_max_batch_size=8,
         max_queue_delay_microseconds=1000,
+        max_queue_size=32,
         model_dir=model_dir,
         lr_dims="-1, 3, 336, 336",
         image_size_aux=config.image_size_aux,
