@@ -173,7 +173,9 @@ def test_mpirun_command_one_server_per_rank(tmp_path):
         }
         if rank == 0:
             assert "--http-port=8000" in args and "--http-address=127.0.0.1" in args
-            assert not worker_flags & set(args)
+            # explicit model control so that mgm-serve can drain the entry models first; all load
+            assert "--model-control-mode=explicit" in args and "--load-model=*" in args
+            assert not (worker_flags - {"--model-control-mode=explicit"}) & set(args)
         else:
             assert worker_flags <= set(args)
 
@@ -344,6 +346,8 @@ def test_perf_analyzer_smoke(toy_server):
             "999",
             "--max-trials",
             "3",
+            "-H",  # perf_analyzer reads the model config, an admin API
+            "{}:{}".format(*next(iter(toy_server.admin_headers.items()))),
         ],
         timeout=60,
     )
@@ -441,3 +445,107 @@ def test_server_dies_with_a_killed_launcher(tmp_path):
     cli.kill()  # no chance to forward anything: the parent-death signal must stop the server
     cli.communicate()
     assert wait_ports_free(ports, timeout=30)
+
+
+# --------------------------------------------------------------------------- admin APIs, transport limits
+
+# Read from triton-inference-server/server at tag v2.51.0 (commit e0f0734d61c789535ac58c22b79d67eabc5d7477):
+# - src/command_line_parser.cc, TritonParser::ParseRestrictedFeatureOption: the value of
+#   --http-restricted-api / --grpc-restricted-protocol is split by ParseGenericConfigOption(arg, ":", "=")
+#   into "<api>,<api>,...", key, value; an API may be in one group only; gRPC keys get the prefix
+#   grpc::kRestrictedProtocolHeaderTemplate, "triton-grpc-protocol-" (src/grpc/grpc_server.h).
+# - src/restricted_features.h: the groups are health, metadata, inference, shared-memory, model-config,
+#   model-repository, statistics, trace, logging.
+# - no flag bounds a request body: `--http-max-input-size` first appears in v2.59.0 (commit af8bb9302),
+#   and gRPC's limit is src/common.h MAX_GRPC_MESSAGE_SIZE = INT32_MAX, set by
+#   builder_.SetMaxMessageSize in src/grpc/grpc_server.cc.
+TRITON_SERVER_COMMIT = "e0f0734d61c789535ac58c22b79d67eabc5d7477"
+TRITON_RESTRICTED_GROUPS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+
+
+def test_admin_restriction_args_use_triton_2_51_syntax(tmp_path):
+    opts = argv.ServerOptions(model_repo=Path("/repo"), admin_key="k3y")
+    args = argv.tritonserver_args(fake_install(tmp_path), opts)
+    group = "shared-memory,model-repository,logging,trace,model-config:mgm-admin-key=k3y"
+    assert f"--http-restricted-api={group}" in args and f"--grpc-restricted-protocol={group}" in args
+    assert set(argv.ADMIN_APIS) <= set(TRITON_RESTRICTED_GROUPS)
+    assert argv.GRPC_ADMIN_HEADER == "triton-grpc-protocol-mgm-admin-key"
+    opened = argv.tritonserver_args(
+        fake_install(tmp_path), argv.ServerOptions(model_repo=Path("/r"), restricted_apis=())
+    )
+    assert not [a for a in opened if "restricted" in a]
+    assert argv.ServerOptions(Path("/r")).admin_key != argv.ServerOptions(Path("/r")).admin_key  # per launch
+
+
+@pytest.mark.server
+def test_installed_tritonserver_flags_match_the_recorded_source():
+    require_server()
+    server = install.find_server()
+    out = subprocess.run(
+        [str(server.binary), "--help"], env={**process.os.environ, **server.env}, capture_output=True, text=True
+    )
+    text = out.stdout + out.stderr
+    assert "--http-restricted-api" in text and "--grpc-restricted-protocol" in text
+    assert "--grpc-restricted-api" not in text  # the gRPC flag has another name
+    for group in TRITON_RESTRICTED_GROUPS:
+        assert group in text
+    # When a newer server grows a body limit, the launcher must set it (README "Limits").
+    assert "max-input-size" not in text, "this tritonserver can bound HTTP bodies: pass --http-max-input-size"
+
+
+@pytest.mark.server
+def test_admin_apis_need_the_key_while_inference_and_health_stay_open(toy_server):
+    import urllib.error
+
+    base = f"http://{toy_server.http_url}"
+
+    def status(path, data=None, headers=None):
+        request = urllib.request.Request(base + path, data=data, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    admin = [
+        ("/v2/models/add_one/config", None),
+        ("/v2/repository/index", b"{}"),
+        ("/v2/logging", b'{"log_verbose_level": 1}'),
+        ("/v2/trace/setting", None),
+        ("/v2/systemsharedmemory/region/x/register", b'{"key": "/x", "offset": 0, "byte_size": 8}'),
+    ]
+    for path, data in admin:
+        code, body = status(path, data)
+        assert code != 200 and "restricted" in body, (path, code, body)
+    assert status("/v2/models/add_one/config", headers=toy_server.admin_headers)[0] == 200
+    assert status("/v2/health/ready")[0] == 200 and status("/v2/models/add_one")[0] == 200
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    client = grpcclient.InferenceServerClient(toy_server.grpc_url)
+    with pytest.raises(Exception, match="restricted"):
+        client.get_model_config("add_one")
+    assert client.get_model_config("add_one", headers=toy_server.grpc_admin_headers).config.name == "add_one"
+    assert client.is_server_ready()
+    client.close()
+
+
+@pytest.mark.server
+def test_cross_origin_text_plain_post_reaches_generate(toy_server):
+    """A known gap, pinned: Triton 2.51 checks neither Origin nor Content-Type, so a web page can POST
+    to a loopback server (README "Admin surface"); restricting `inference` by header would close it."""
+    request = urllib.request.Request(
+        f"http://{toy_server.http_url}/v2/models/stream3/generate",
+        data=json.dumps({"IN": 1}).encode(),
+        headers={"Content-Type": "text/plain", "Origin": "http://evil.example"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 200

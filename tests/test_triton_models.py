@@ -31,6 +31,7 @@ def values(model_dir, **extra):
     out = dict(
         triton_max_batch_size=8,
         max_queue_delay_microseconds=1000,
+        max_queue_size=32,
         model_dir=model_dir,
         hidden_size=config.hidden_size,
         max_input_len=2048,

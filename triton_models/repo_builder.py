@@ -55,6 +55,8 @@ MODELS = {
 
 CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
+# Default queue bound per model: this many waiting requests per batch slot, then "busy" at once.
+QUEUE_PER_SLOT = 4
 CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
 # Per vision_encoder instance. Features are float32 (T x H x 4 bytes): 2.4 MB for MGM-2B, 9.4 MB for
 # 7B/8B, 16.5 MB for 34B, 47 MB for 7B-HD, 0.1-0.6 MB for the tiny test models; 512 MB holds ~54
@@ -158,6 +160,7 @@ def template_values(
     llm_takes_extra_ids: bool = False,
     kv_cache_reuse: bool = True,
     kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
+    max_queue_size: int | None = None,
 ) -> dict[str, object]:
     """Every template value, read from the LLM contract (never recomputed here); the vision artifact's
     shapes are checked against the checkpoint by `vision_contract`."""
@@ -166,6 +169,7 @@ def template_values(
     values = {
         "triton_max_batch_size": contract.max_batch_size,
         "max_queue_delay_microseconds": 1000,
+        "max_queue_size": max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size,
         "model_dir": model_dir.resolve(),
         "hidden_size": contract.hidden_size,
         "max_input_len": contract.max_input_len,
@@ -204,6 +208,7 @@ def build_repo(
     image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
     kv_cache_reuse: bool = True,
     kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
+    max_queue_size: int | None = None,
 ) -> Path:
     if kv_cache_mb < 0:
         raise ValueError(f"--kv_cache_mb must be >= 0, got {kv_cache_mb}")
@@ -224,6 +229,7 @@ def build_repo(
                 image_cache_mb=image_cache_mb,
                 kv_cache_reuse=kv_cache_reuse,
                 kv_cache_mb=kv_cache_mb,
+                max_queue_size=max_queue_size,
             ),
             Path(output_dir),
             name,
@@ -246,9 +252,19 @@ def build_repo(
     # Both backends fill from the contract file as written into the repository: one code path.
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
+    if max_queue_size is not None and max_queue_size < 1:
+        raise ValueError(f"--max_queue_size must be >= 1, got {max_queue_size}")
     takes_extra_ids = llm_declares(texts["tensorrt_llm"], EXTRA_IDS_INPUT)
     values = template_values(
-        model_dir, engine_dir, contract, instances, image_cache_mb, takes_extra_ids, kv_cache_reuse, kv_cache_mb
+        model_dir,
+        engine_dir,
+        contract,
+        instances,
+        image_cache_mb,
+        takes_extra_ids,
+        kv_cache_reuse,
+        kv_cache_mb,
+        max_queue_size,
     )
     unused = unused_values(values, texts.values())
     if unused:
@@ -302,6 +318,13 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="cpu: MiB of prefix KV kept for reuse (LRU; 0 = no reuse)",
     )
     parser.add_argument(
+        "--max_queue_size",
+        type=int,
+        default=None,
+        help=f"requests each model keeps waiting before refusing new ones as busy "
+        f"(default {QUEUE_PER_SLOT} x max_batch_size)",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -333,6 +356,7 @@ def run_repo_build(args: argparse.Namespace) -> Path:
         image_cache_mb=getattr(args, "image_cache_mb", DEFAULT_IMAGE_CACHE_MB),
         kv_cache_reuse=getattr(args, "kv_cache_reuse", "on") == "on",
         kv_cache_mb=getattr(args, "kv_cache_mb", DEFAULT_KV_CACHE_MB),
+        max_queue_size=getattr(args, "max_queue_size", None),
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -99,7 +99,7 @@ def run_serve(args, argv: Sequence[str]) -> int:
 
             model_dir, repo = prepare_cpu_repo(model_dir, Path(args.work_dir), args.max_batch_size, log=log)
             log(f"starting tritonserver on {repo}")
-            server = TritonServer(repo).start(timeout=300)
+            server = TritonServer(repo, allow_admin_api=True).start(timeout=300)  # perf_analyzer reads configs
             url = server.grpc_url
         else:
             url = args.url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from triton_models.launcher.install import ServerInstall
 DEFAULT_WORKER_MODELS = ("tensorrt_llm",)
 # Per python-model instance; large tensors (image embeddings) grow it in steps of this size.
 DEFAULT_SHM_BYTES = 4 * 1024 * 1024
+# Triton's API groups (restricted_features.h) that control the server rather than ask it for answers:
+# registering shared memory (the python backend's own IPC regions included), loading and unloading
+# models, log and trace settings, and model configs (which carry filesystem paths). Health, metadata,
+# inference and statistics stay open.
+ADMIN_APIS = ("shared-memory", "model-repository", "logging", "trace", "model-config")
+# The header that unlocks them. gRPC clients send it as metadata `triton-grpc-protocol-<name>`
+# (Triton prefixes gRPC restriction keys; the HTTP key is taken as given).
+ADMIN_HEADER = "mgm-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 
 
 @dataclasses.dataclass
@@ -30,14 +40,39 @@ class ServerOptions:
     exit_timeout_s: int = 15  # Triton's default 30 s is mostly spent waiting on stuck streams
     shm_prefix: str = ""  # python backend shm region label; "" = launcher pid + http port
     worker_models: tuple[str, ...] = DEFAULT_WORKER_MODELS
+    # Restricted to holders of `admin_key`; () leaves every API open (mgm-serve --allow_admin_api).
+    restricted_apis: tuple[str, ...] = ADMIN_APIS
+    admin_key: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
+    # Explicit model control (all models loaded at start) lets the launcher unload the entry models
+    # first when it stops the server (drain.py); Triton refuses repository loads/unloads otherwise.
+    explicit_model_control: bool = True
     extra_args: tuple[str, ...] = ()
+
+
+def shm_base(options: ServerOptions) -> str:
+    """The start of every python-backend shm region name this server's ranks create."""
+    return options.shm_prefix or f"mgm{os.getpid()}p{options.http_port}"
 
 
 def _shm_prefix(options: ServerOptions, rank: int) -> str:
     # Triton 2.51 appends a UUID to each stub's region name, so this only labels /dev/shm
     # entries by launcher, port and rank; upstream gives each MPI rank `prefix{rank}_`.
-    base = options.shm_prefix or f"mgm{os.getpid()}p{options.http_port}"
-    return f"{base}prefix{rank}_"
+    return f"{shm_base(options)}prefix{rank}_"
+
+
+def explicit_control(options: ServerOptions) -> bool:
+    """Whether rank 0 runs in explicit model-control mode (not when extra_args pick a mode)."""
+    chosen = any(arg.startswith("--model-control-mode") for arg in options.extra_args)
+    return options.explicit_model_control and not chosen
+
+
+def restriction_args(options: ServerOptions) -> list[str]:
+    """`--http-restricted-api` / `--grpc-restricted-protocol` for the admin groups (2.51 syntax:
+    `<api>,<api>,...:<header>=<value>`; there is no `--grpc-restricted-api`)."""
+    if not options.restricted_apis:
+        return []
+    group = f"{','.join(options.restricted_apis)}:{ADMIN_HEADER}={options.admin_key}"
+    return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
 
 
 def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int = 0) -> list[str]:
@@ -55,6 +90,7 @@ def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int 
         f"--exit-timeout-secs={options.exit_timeout_s}",
         f"--backend-config=python,shm-default-byte-size={options.shm_default_byte_size}",
         f"--backend-config=python,shm-region-prefix-name={_shm_prefix(options, rank)}",
+        *restriction_args(options),
     ]
     if install.backend_dir is not None:
         args.append(f"--backend-directory={install.backend_dir}")
@@ -62,6 +98,8 @@ def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int 
         args.append(f"--cache-directory={install.cache_dir}")
     if rank == 0 and options.log_verbose:
         args.append(f"--log-verbose={options.log_verbose}")
+    if rank == 0 and explicit_control(options):
+        args += ["--model-control-mode=explicit", "--load-model=*"]
     if rank != 0:
         # Worker ranks load only the LLM (python models run on rank 0) and serve no endpoints:
         # upstream gives them rank 0's ports and relies on them never finishing start-up.

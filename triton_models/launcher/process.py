@@ -1,5 +1,7 @@
 """Supervising a tritonserver child process: ports, readiness, output, signals, clean stop.
 
+Over 400 lines: one class owns the child's whole life (ports, start, readiness, drain, stop).
+
 model.py files run in the python backend stub, which uses this venv's site-packages (its .pth
 files included) but ignores PYTHONPATH: project code must be installed (`pip install -e .`).
 
@@ -20,14 +22,25 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from triton_models.launcher.argv import ServerOptions, server_command
+from triton_models.launcher import drain, shm
+from triton_models.launcher.argv import (
+    ADMIN_HEADER,
+    GRPC_ADMIN_HEADER,
+    ServerOptions,
+    explicit_control,
+    server_command,
+    shm_base,
+)
 from triton_models.launcher.errors import ServerError
 from triton_models.launcher.install import ServerInstall, find_server
+from triton_models.launcher.supervise import Stub, StubWatch
 
 _LOG_TAIL_LINES = 40
+# Triton logs this on SIGTERM once no inference is in flight (server.cc, InferenceServer::Stop).
+_NOTHING_IN_FLIGHT = "All models are stopped, unloading models"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -82,6 +95,9 @@ class TritonServer:
     which stop() empties. Output is kept (last lines) in `log`, and echoed when `echo` is set.
     With `die_with_parent` (default) the server gets SIGTERM when the thread that started it
     exits: start it from a thread that outlives it (the main thread, a pytest fixture).
+    Triton's admin APIs (argv.ADMIN_APIS) answer only requests carrying `admin_headers` (HTTP) or
+    `grpc_admin_headers`, unless `allow_admin_api`. Its python-backend shm regions are made
+    owner-only once it is ready and removed when it has stopped.
     """
 
     def __init__(
@@ -99,6 +115,7 @@ class TritonServer:
         echo: bool = False,
         die_with_parent: bool = True,
         install: ServerInstall | None = None,
+        allow_admin_api: bool = False,
     ):
         self.model_repo = Path(model_repo).resolve()
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -110,6 +127,8 @@ class TritonServer:
         self.echo = echo
         self.die_with_parent = die_with_parent and sys.platform == "linux"
         self._install = install
+        self.allow_admin_api = allow_admin_api
+        self.shm_removed = 0  # regions left behind by the last run, removed by stop()
         self.options: ServerOptions | None = None
         self._proc = None
         self._reader: threading.Thread | None = None
@@ -140,6 +159,21 @@ class TritonServer:
     @property
     def returncode(self) -> int | None:
         return self._proc.returncode if self._proc else None
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """HTTP headers that unlock the restricted admin APIs (tritonclient.http `headers=`)."""
+        return {ADMIN_HEADER: self._opts().admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The same for tritonclient.grpc (Triton expects its gRPC restriction-key prefix)."""
+        return {GRPC_ADMIN_HEADER: self._opts().admin_key}
+
+    @property
+    def shm_prefix(self) -> str:
+        """The name prefix of every /dev/shm region this server's python backend creates."""
+        return f"{shm_base(self._opts())}prefix"
 
     @property
     def log(self) -> str:
@@ -207,6 +241,8 @@ class TritonServer:
             log_verbose=self.log_verbose,
             extra_args=self.extra_args,
         )
+        if self.allow_admin_api:
+            self.options.restricted_apis = ()
         cmd = server_command(install, self.options, self.world_size)
         env = {**os.environ, **install.env, **self.extra_env}
         # Own session: Ctrl-C in a terminal reaches only us (we forward it), and stop() can
@@ -266,6 +302,7 @@ class TritonServer:
                     f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}"
                 )
             if self.is_ready() and self._endpoints_listening():
+                shm.make_private(self.shm_prefix)
                 return self
             time.sleep(0.1)
         self.stop()
@@ -273,6 +310,12 @@ class TritonServer:
             f"tritonserver was not ready after {timeout:.0f} s "
             f"(model repository {self.model_repo}). Server log:\n{self.log_tail()}"
         )
+
+    def watch_stubs(self, on_death: Callable[[Stub], None], interval: float = 0.2) -> StubWatch:
+        """Start watching the python-backend stubs (call once ready); stop() the watch before
+        stopping the server. Each tick also narrows new shm regions to the owner."""
+        prefix = self.shm_prefix
+        return StubWatch(self._proc.pid, on_death, interval, on_tick=lambda: shm.make_private(prefix)).start()
 
     def send_signal(self, sig: int) -> None:
         # Not Popen.send_signal: it reaps an exited server, and stop() needs the zombie kept.
@@ -286,6 +329,37 @@ class TritonServer:
         elif not self._exited_unreaped(timeout):
             raise subprocess.TimeoutExpired(self._proc.args, timeout)
         return self.stop()
+
+    def shutdown(self, drain_timeout: float, teardown_s: float = 5.0) -> tuple[int | None, list[str]]:
+        """Drain, then stop: returns the exit code and what was cut ([] when nothing was).
+
+        Unloads the entry models and waits up to `drain_timeout` s for their requests; then SIGTERM,
+        on which Triton refuses new work and waits for what is left in flight. Once it has reported
+        none left, unloading is teardown only (python stubs exiting, several seconds each on a
+        loaded host): it gets `teardown_s`, then the group is killed and the server counts as
+        stopped cleanly (exit code 0)."""
+        if self._proc is None or self.exited():
+            return self.stop(), []
+        cut: list[str] = []
+        if explicit_control(self._opts()):
+            try:
+                cut = drain.drain_server(self.http_url, self.admin_headers, self.model_repo, drain_timeout)
+            except ServerError as exc:
+                cut = [str(exc)]
+        self.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._opts().exit_timeout_s + 5
+        while not self.exited() and not self._log_has(_NOTHING_IN_FLIGHT) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not self._log_has(_NOTHING_IN_FLIGHT):
+            return self.stop(timeout=0.0 if self.exited() else 10.0), [*cut, "requests still in flight"]
+        if self._exited_unreaped(teardown_s):
+            return self.stop(), cut
+        self.kill()
+        self.stop(timeout=10.0)
+        return 0, cut
+
+    def _log_has(self, text: str) -> bool:
+        return any(text in line for line in list(self._lines)[-200:])
 
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM (graceful unload), SIGKILL after `timeout`; returns the server's exit code."""
@@ -303,6 +377,8 @@ class TritonServer:
         code = self._proc.wait()
         self._wait_group_gone(5)
         self._finish_reader()
+        if not self.group_alive():  # nothing of ours can still map them
+            self.shm_removed += shm.remove(self.shm_prefix)
         return code
 
     def _exited_unreaped(self, timeout: float) -> bool:
@@ -317,6 +393,10 @@ class TritonServer:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
+
+    def exited(self) -> bool:
+        """True once the server process has exited (reaped or not)."""
+        return self._proc is not None and self._exited_unreaped(0)
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group at once (no graceful unload)."""

@@ -53,6 +53,14 @@ KV_CACHE_METRICS = {
 }
 
 
+def busy_response(waiting: int):
+    """Refusal of a request the engine has no room to queue: UNAVAILABLE (HTTP 503), retry later."""
+    message = f"server busy: {waiting} requests are already waiting for the LLM; retry later"
+    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None)
+    error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         use_utf8_locale()
@@ -81,6 +89,7 @@ class TritonPythonModel:
                 KV_CACHE_METRICS, {"model": args["model_name"], "version": str(args.get("model_version", "1"))}
             )
             self.metrics.update(self.engine.snapshot())
+        self.max_queue_size = int(params.get("max_queue_size") or 0)  # 0: unbounded
         self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
     @staticmethod
@@ -111,6 +120,9 @@ class TritonPythonModel:
             return
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
+        if self.max_queue_size and self.engine.num_pending >= self.max_queue_size:
+            sender.send(busy_response(self.engine.num_pending), flags=FINAL)
+            return
         try:
             gen, streaming = self.parse(request)
             # runs in the engine thread: only wake this coroutine, never call the python backend there
