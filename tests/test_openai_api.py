@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from mgm_ref.conversation import get_template, image_placeholders
 from mgm_ref.model import GenerationParams
 from mgm_ref.preprocess import load_image
 from tests.helpers.images import png, random_image
+from triton_models.launcher.argv import ADMIN_KEY_ENV
 from triton_models.server import free_port
 
 pytestmark = pytest.mark.server
@@ -63,7 +65,7 @@ def reference(ref, question, images=(), history=None, system=None, max_tokens=MA
 class OpenAIServer:
     """`python -m client.openai_api` (what mgm-openai runs) as a child process on a free port."""
 
-    def __init__(self, triton_url: str, *extra: str, log: Path):
+    def __init__(self, triton_url: str, *extra: str, log: Path, admin_key: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
@@ -71,6 +73,7 @@ class OpenAIServer:
             [sys.executable, "-m", "client.openai_api", "--triton_url", triton_url, "--port", str(self.port), *extra],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, ADMIN_KEY_ENV: admin_key} if admin_key else None,
         )
         wait_http(f"{self.url}/health", self.proc)
 
@@ -115,6 +118,7 @@ def api(llama, tmp_path_factory):
         "--max_body_mb",
         "3",
         log=tmp_path_factory.mktemp("openai") / "server.log",
+        admin_key=llama.server.admin_key,
     )
     server.media = media
     yield server
@@ -564,7 +568,18 @@ def test_bench_openai_mode_measures_both_paths(api, llama):
 
     from client.openai_api.bench import run, table
 
-    results = asyncio.run(run(llama.server.grpc_url, api.url, "mgm", [1, 2], requests=2, max_tokens=4, warmup=1))
+    results = asyncio.run(
+        run(
+            llama.server.grpc_url,
+            api.url,
+            "mgm",
+            [1, 2],
+            requests=2,
+            max_tokens=4,
+            warmup=1,
+            admin_key=llama.server.admin_key,
+        )
+    )
     for c in (1, 2):
         for path in ("grpc", "openai"):
             s = results[c][path]

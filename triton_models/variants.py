@@ -8,6 +8,7 @@ already in the repository. Clients pick a variant by that prefix (the OpenAI `mo
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shlex
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from mgm_ref.errors import MGMError
+from triton_models.launcher.argv import ADMIN_KEY_ENV
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")
 # Lines of config.pbtxt that name a model: its own top-level `name:` (unindented, unlike tensor
@@ -65,8 +67,12 @@ def tolerant_server_args(repo: Path) -> tuple[str, ...]:
     return ()
 
 
-def start_openai_server(grpc_url: str, port: int, host: str, extra: list[str] | None = None) -> subprocess.Popen:
-    """The OpenAI-compatible server as a child process (by module name: triton_models never imports client)."""
+def start_openai_server(
+    grpc_url: str, port: int, host: str, extra: list[str] | None = None, admin_key: str | None = None
+) -> subprocess.Popen:
+    """The OpenAI-compatible server as a child process (by module name: triton_models never imports client).
+
+    `admin_key` lets it list the repository's models (a restricted API) to find the variants."""
     cmd = [
         sys.executable,
         "-m",
@@ -79,7 +85,8 @@ def start_openai_server(grpc_url: str, port: int, host: str, extra: list[str] | 
         host,
         *(extra or []),
     ]
-    return subprocess.Popen(cmd)
+    env = {**os.environ, ADMIN_KEY_ENV: admin_key} if admin_key else None
+    return subprocess.Popen(cmd, env=env)
 
 
 def add_openai_arguments(parser) -> None:
@@ -92,12 +99,12 @@ def add_openai_arguments(parser) -> None:
 
 
 @contextlib.contextmanager
-def openai_sidecar(args, grpc_url: str):
+def openai_sidecar(args, grpc_url: str, admin_key: str | None = None):
     """Run mgm-openai beside a ready tritonserver while the block runs (when --openai_port is set)."""
     if not args.openai_port:
         yield None
         return
-    proc = start_openai_server(grpc_url, args.openai_port, args.host, shlex.split(args.openai_args))
+    proc = start_openai_server(grpc_url, args.openai_port, args.host, shlex.split(args.openai_args), admin_key)
     print(f"mgm-serve: OpenAI API on http://{args.host}:{args.openai_port}/v1", file=sys.stderr, flush=True)
     try:
         yield proc

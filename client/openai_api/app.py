@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from client.openai_api.mapping import MGMRequest, StopMatcher, to_mgm
 from client.openai_api.media import MediaPolicy, MiB
 from client.openai_api.metrics import Metrics
 from client.openai_api.triton import TritonBackend, Variant
+from triton_models.launcher.argv import ADMIN_KEY_ENV
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody receives it, the logs do
 
@@ -44,6 +46,7 @@ class Settings:
     default_max_tokens: int = 256
     timeout_s: float = 600.0
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    triton_admin_key: str | None = None  # for the repository index, when mgm-serve restricts it
 
 
 class ClientGone(Exception):
@@ -163,7 +166,9 @@ class _ContentEvents:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    backend = TritonBackend(settings.triton_url, settings.served_model_name, settings.timeout_s)
+    backend = TritonBackend(
+        settings.triton_url, settings.served_model_name, settings.timeout_s, settings.triton_admin_key
+    )
     metrics = Metrics()
 
     @asynccontextmanager
@@ -331,6 +336,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         args.default_max_tokens,
         args.timeout,
         media,
+        os.environ.get(ADMIN_KEY_ENV) or None,
     )
 
 

@@ -31,6 +31,7 @@ from client.openai_api.mapping import to_mgm
 from client.openai_api.media import MediaPolicy
 from client.openai_api.schema import ChatCompletionRequest
 from client.openai_api.triton import TritonBackend
+from triton_models.launcher.argv import ADMIN_KEY_ENV
 
 QUESTION = "What is in the picture? Describe it."
 
@@ -136,11 +137,12 @@ async def run(
     max_tokens: int,
     warmup: int = 2,
     image: bool = True,
+    admin_key: str | None = None,
 ) -> dict:
     body = request_body(model, max_tokens, image)
     mgm = await to_mgm(ChatCompletionRequest.model_validate(body), MediaPolicy(), 8, max_tokens)
     tensors = mgm.tensors()
-    backend = TritonBackend(triton_url)
+    backend = TritonBackend(triton_url, admin_key=admin_key)
     variant = await backend.resolve(model)
     chat_url = f"{openai_url.rstrip('/')}/v1/chat/completions"
     results = {}
@@ -218,7 +220,8 @@ def _start_servers(work: Path):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.openai_api", "--triton_url", server.grpc_url, "--port", str(port)]
+        [sys.executable, "-m", "client.openai_api", "--triton_url", server.grpc_url, "--port", str(port)],
+        env={**os.environ, ADMIN_KEY_ENV: server.admin_key} if server.admin_key else None,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -263,6 +266,7 @@ def main(argv=None) -> int:
                 args.requests,
                 args.max_tokens,
                 image=not args.no_image,
+                admin_key=server.admin_key if server is not None else os.environ.get(ADMIN_KEY_ENV),
             )
         )
     finally:

@@ -18,6 +18,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from client.openai_api.errors import APIError, bad_request, not_found, unavailable
+from triton_models.launcher.argv import GRPC_ADMIN_HEADER
 
 BLS = "mgm_bls"
 PIPELINE = ("preprocessing", "vision_encoder", "tensorrt_llm", BLS)  # what one BLS request runs through
@@ -58,8 +59,10 @@ def _variants(index: list[dict], default_name: str) -> dict[str, Variant]:
 
 
 class TritonBackend:
-    def __init__(self, url: str, default_name: str = "mgm", timeout_s: float = 600.0):
+    def __init__(self, url: str, default_name: str = "mgm", timeout_s: float = 600.0, admin_key: str | None = None):
         self.url, self.default_name, self.timeout_s = url, default_name, timeout_s
+        # mgm-serve restricts the repository index (an admin API) to holders of its key
+        self._index_headers = {GRPC_ADMIN_HEADER: admin_key} if admin_key else None
         self._client: grpcaio.InferenceServerClient | None = None
         self._cache: tuple[float, dict[str, Variant]] | None = None
 
@@ -79,7 +82,11 @@ class TritonBackend:
         if not fresh and self._cache and now - self._cache[0] < _INDEX_TTL_S:
             return self._cache[1]
         try:
-            index = (await self.client.get_model_repository_index(as_json=True, client_timeout=5)).get("models", [])
+            index = (
+                await self.client.get_model_repository_index(
+                    headers=self._index_headers, as_json=True, client_timeout=5
+                )
+            ).get("models", [])
         except InferenceServerException:
             index = []
         found = _variants(index, self.default_name)

@@ -24,6 +24,8 @@ ADMIN_APIS = ("shared-memory", "model-repository", "logging", "trace", "model-co
 # (Triton prefixes gRPC restriction keys; the HTTP key is taken as given).
 ADMIN_HEADER = "mgm-admin-key"
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
+# How a child (the OpenAI sidecar) gets the key: in its environment, not on a command line others can read
+ADMIN_KEY_ENV = "MGM_TRITON_ADMIN_KEY"
 
 
 @dataclasses.dataclass

@@ -122,7 +122,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         flush=True,
     )
     undrained: list[str] = []
-    with variants.openai_sidecar(args, server.grpc_url):
+    with variants.openai_sidecar(args, server.grpc_url, server.admin_key):
         while not server.exited() and not stop_requested.wait(0.2):
             pass
         watch.stop()  # from here on stubs end because their models unload

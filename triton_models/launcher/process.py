@@ -166,6 +166,11 @@ class TritonServer:
         return {ADMIN_HEADER: self._opts().admin_key}
 
     @property
+    def admin_key(self) -> str | None:
+        """The key of the restricted admin APIs (None when they are open)."""
+        return None if self.allow_admin_api else self._opts().admin_key
+
+    @property
     def grpc_admin_headers(self) -> dict[str, str]:
         """The same for tritonclient.grpc (Triton expects its gRPC restriction-key prefix)."""
         return {GRPC_ADMIN_HEADER: self._opts().admin_key}
