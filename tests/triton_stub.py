@@ -4,6 +4,7 @@
 triton_models/templates/<name>/1/model.py against it; `model_config(name, **values)` parses that
 model's config.pbtxt template (filled with `values`) into the JSON Triton hands to `initialize`.
 BLS calls (`InferenceRequest(...).async_exec()`) go to the fakes registered in `downstream`.
+Custom metrics (`MetricFamily`) land in `metric_families`, merged by name as Triton's registry does.
 """
 
 from __future__ import annotations
@@ -106,6 +107,48 @@ class Request:
         return self._id
 
 
+class Metric:
+    def __init__(self, family: MetricFamily, labels: dict[str, str]):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise TypeError("metric labels must be strings")  # Triton refuses other parameter types
+        self.family, self.key = family, tuple(sorted(labels.items()))
+        family.values.setdefault(self.key, 0.0)
+
+    def increment(self, value: float) -> None:
+        if self.family.kind == MetricFamily.COUNTER and value < 0:
+            raise ValueError("a counter only grows")
+        self.family.values[self.key] += value
+
+    def set(self, value: float) -> None:
+        if self.family.kind == MetricFamily.COUNTER:
+            raise ValueError("a counter does not support set")
+        self.family.values[self.key] = value
+
+    def value(self) -> float:
+        return self.family.values[self.key]
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __init__(self, name: str, description: str, kind: int):
+        existing = metric_families.get(name)
+        if existing is not None and (existing.kind, existing.description) != (kind, description):
+            raise ValueError(f"metric family {name} registered again with another kind or description")
+        self.name, self.description, self.kind = name, description, kind
+        self.values: dict[tuple, float] = existing.values if existing else {}
+        metric_families[name] = self
+
+    def Metric(self, labels: dict[str, str] | None = None) -> Metric:  # noqa: N802 - pb_utils' name
+        return Metric(self, labels or {})
+
+    def value(self, labels: dict[str, str]) -> float:
+        """Test convenience: the value of one label set (0 when never touched)."""
+        return self.values.get(tuple(sorted(labels.items())), 0.0)
+
+
+metric_families: dict[str, MetricFamily] = {}
+
 # model name -> callable(inputs: dict[str, np.ndarray]) -> InferenceResponse | iterator of them (decoupled)
 downstream: dict = {}
 bls_calls: list[tuple[str, dict]] = []
@@ -164,6 +207,7 @@ def _module() -> types.ModuleType:
 def install(monkeypatch) -> types.ModuleType:
     downstream.clear()
     bls_calls.clear()
+    metric_families.clear()
     mod = _module()
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", mod)
     return mod

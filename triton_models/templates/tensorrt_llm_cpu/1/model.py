@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from mgm_ref.loader import load_llm
 from triton_models.lib import attention
 from triton_models.lib.engine import GenerationRequest, LLMEngine
+from triton_models.lib.metrics import RequestMetrics
 from triton_models.lib.preprocess import single_token_stops
 from triton_models.lib.triton_io import (
     check_config,
@@ -51,6 +52,7 @@ class TritonPythonModel:
         llm, _, _ = load_llm(params["model_dir"], dtype=torch.float32)
         attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
         self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]))
+        self.metrics = RequestMetrics(args["model_name"])  # Triton does not count a decoupled model's errors
         self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
     async def execute(self, requests):
@@ -70,6 +72,7 @@ class TritonPythonModel:
             # runs in the engine thread: only wake this coroutine, never call the python backend there
             handle = self.engine.submit(gen, callback=lambda *_: loop.call_soon_threadsafe(woken.set))
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            self.metrics.failed(e)
             sender.send(error_response(e), flags=FINAL)
             return
         key = request.request_id()
@@ -89,18 +92,22 @@ class TritonPythonModel:
             handle.cancel()
 
     async def stream(self, request, sender, handle, streaming, woken):
-        tokens, finished = [], False
+        tokens, finished, cancelled = [], False, False
         while not finished:
             try:
                 await asyncio.wait_for(woken.wait(), CANCEL_POLL_S)
             except asyncio.TimeoutError:
                 pass
             woken.clear()
-            if request.is_cancelled():
+            if request.is_cancelled() and not cancelled:
+                cancelled = True
+                self.metrics.cancelled()
                 handle.cancel()
             try:
                 new, finished = handle.poll()
             except Exception as e:  # noqa: BLE001 - the engine failed this request
+                if not cancelled:
+                    self.metrics.failed(e)
                 sender.send(error_response(e), flags=FINAL)
                 return
             tokens.extend(new)
