@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from mgm_ref.constants import ACCEPTED_IMAGE_FORMATS, CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from mgm_ref.errors import ImageError
 
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
@@ -44,6 +44,8 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_I
             image = Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ImageError(f"cannot decode the image: {e}") from None
+        if not isinstance(source, (str, Path)):  # bytes come from a request; a local file is the operator's
+            check_image_format(image)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"the image has no pixels ({width}x{height})")
@@ -54,6 +56,14 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_I
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode the image: {e}") from None
+
+
+def check_image_format(image: Image.Image) -> None:
+    """Only the formats the README promises (JPEG, PNG, WebP) are decoded: every other PIL decoder
+    (TIFF, BMP, ICO, PSD, ...) is attack surface nobody asked for. Reads the header only."""
+    if image.format not in ACCEPTED_IMAGE_FORMATS:
+        accepted = ", ".join(ACCEPTED_IMAGE_FORMATS)
+        raise ImageError(f"the image is {image.format or 'of an unknown format'}; accepted formats: {accepted}")
 
 
 def expand2square(image: Image.Image, background=PAD_COLOR) -> Image.Image:

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
+from mgm_ref.constants import max_images_for
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import (
     LLMContract,
@@ -54,7 +54,6 @@ MODELS = {
 
 CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from, kept in tensorrt_llm/
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
-CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -82,9 +81,8 @@ def cpu_contract(
 ) -> LLMContract:
     """The CPU runner's contract, from the same formula as an engine build (it has no build step)."""
     input_len = max_input_len or config.max_length
-    if max_images_per_request is None:
-        fit = max(1, (input_len - 1) // config.tokens_per_image)
-        max_images_per_request = 1 if config.hd else min(CPU_MAX_IMAGES, fit)
+    if max_images_per_request is None:  # as many as leave room for text (derive_limits refuses 0)
+        max_images_per_request = max(1, max_images_for(input_len, config.tokens_per_image, config.hd))
     limits = derive_limits(
         max_batch_size=max_batch_size or CPU_DEFAULT_MAX_BATCH_SIZE,
         tokens_per_image=config.tokens_per_image,
@@ -225,7 +223,7 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--max_images_per_request",
         type=int,
         default=None,
-        help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
+        help="gpu: at most what the engine was built for; cpu: default as many as leave room for text (<= 4)",
     )
     parser.add_argument(
         "--name",
