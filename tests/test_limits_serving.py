@@ -251,3 +251,34 @@ def test_bls_counts_failures_by_reason_and_cancellations(stub, llama_dir):
     internal = reqs[1].sender.sent[-1][0].error().message()
     assert "internal error" in internal and not REPR.search(internal) and "boom" not in internal
     assert json.dumps(tb.metric_families["mgm_request_failures_total"].description)
+
+
+def test_vision_encoder_bad_tensors_fail_only_their_request(stub, llama_dir, monkeypatch):
+    import triton_models.lib.vision_runner as vr
+    from mgm_ref.config import MGMConfig
+
+    cfg = MGMConfig.from_model_dir(llama_dir)
+
+    def fake_runner(images, images_aux):
+        assert len(images) == len(images_aux), "a mismatched request reached the batch's run"
+        return {"image_features": np.ones((len(images), 3, cfg.hidden_size), np.float32)}
+
+    monkeypatch.setattr(
+        vr,
+        "load_vision_artifact",
+        lambda d, t: ({"max_batch_size": 8, "tokens_per_image": 3, "hidden_size": cfg.hidden_size}, fake_runner),
+    )
+    model = start("vision_encoder", tb.model_config("vision_encoder", **values(llama_dir)))
+    aux = cfg.image_size_aux
+
+    def req(n, n_aux, with_aux=True):
+        inputs = {"IMAGES": np.zeros((1, n, 3, 336, 336), np.float32)}
+        if with_aux:
+            inputs["IMAGES_AUX"] = np.zeros((1, n_aux, 3, aux, aux), np.float32)
+        return tb.Request(inputs)
+
+    out = model.execute([req(1, 1), req(2, 1), req(1, 1, with_aux=False), req(0, 0), req(2, 2)])
+    assert [o.has_error() for o in out] == [False, True, True, False, False]
+    assert out[1].error().message() == "IMAGES holds 2 images but IMAGES_AUX 1"
+    assert "IMAGES_AUX" in out[2].error().message()
+    assert [out[k].output("OUT_PROMPT_VOCAB_SIZE").item() for k in (0, 3, 4)] == [3, 0, 6]

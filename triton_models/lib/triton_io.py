@@ -106,6 +106,20 @@ def error_response(exc: BaseException):
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(user_message(exc)))
 
 
+def per_request(requests, read) -> tuple[list, list[tuple[int, object]]]:
+    """`read(request)` for each request of a dynamic batch, before the batch's one shared call: a
+    request whose tensors it refuses gets its error response here and is left out, so it fails alone.
+    Returns (responses with those errors filled in, [(index, what read returned)] of the others)."""
+    responses: list = [None] * len(requests)
+    kept = []
+    for k, request in enumerate(requests):
+        try:
+            kept.append((k, read(request)))
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            responses[k] = error_response(e)
+    return responses, kept
+
+
 def bytes_tensor(name: str, texts: list[str]):
     """A TYPE_STRING output of one request: shape (1, len(texts)), the leading 1 is the batch dim."""
     return pb().Tensor(name, np.array([[t.encode("utf-8") for t in texts]], dtype=np.object_))

@@ -20,6 +20,7 @@ from triton_models.lib.triton_io import (
     error_response,
     params_of,
     pb,
+    per_request,
     required_input,
     string_input,
     use_utf8_locale,
@@ -42,14 +43,8 @@ class TritonPythonModel:
 
     def execute(self, requests):
         pb_utils = pb()
-        responses: list = [None] * len(requests)
-        seqs, owners = [], []
-        for k, request in enumerate(requests):
-            try:
-                seqs.append(self.token_ids(request))
-                owners.append(k)
-            except Exception as e:  # noqa: BLE001 - this request fails alone
-                responses[k] = error_response(e)
+        responses, kept = per_request(requests, self.token_ids)
+        owners, seqs = [k for k, _ in kept], [ids for _, ids in kept]
         try:
             texts = self.tokenizer.batch_decode(seqs, skip_special_tokens=True) if seqs else []
         except Exception as e:  # noqa: BLE001 - checked ids should decode; if not, only those requests fail

@@ -5,7 +5,15 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from triton_models.lib.triton_io import check_config, error_response, optional_input, params_of, use_utf8_locale
+from triton_models.lib.triton_io import (
+    InputError,
+    check_config,
+    error_response,
+    optional_input,
+    params_of,
+    per_request,
+    use_utf8_locale,
+)
 from triton_models.lib.vision_runner import VisionRunner
 
 
@@ -30,23 +38,24 @@ class TritonPythonModel:
         self.table_dtype = None if self.table_type == "TYPE_BF16" else pb_utils.triton_string_to_numpy(self.table_type)
 
     def execute(self, requests):
+        responses, kept = per_request(requests, read_images)  # bad tensors fail their request alone
+        if not kept:
+            return responses
         try:
-            images = [optional_input(r, "IMAGES")[0] for r in requests]
-            images_aux = [optional_input(r, "IMAGES_AUX")[0] for r in requests]
-            feats = self.runner(np.concatenate(images), np.concatenate(images_aux))
+            feats = self.runner(np.concatenate([i for _, (i, _) in kept]), np.concatenate([a for _, (_, a) in kept]))
         except Exception as e:  # noqa: BLE001 - the whole batch failed in one call: tell every request
-            return [error_response(e) for _ in requests]
-        responses, start = [], 0
-        for img in images:
+            for k, _ in kept:
+                responses[k] = error_response(e)
+            return responses
+        start = 0
+        for k, (img, _) in kept:
             rows = feats[start : start + len(img)].reshape(-1, feats.shape[-1])
             start += len(img)
-            responses.append(
-                pb_utils.InferenceResponse(
-                    [
-                        self.table_tensor(rows[None]),
-                        pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
-                    ]
-                )
+            responses[k] = pb_utils.InferenceResponse(
+                [
+                    self.table_tensor(rows[None]),
+                    pb_utils.Tensor("OUT_PROMPT_VOCAB_SIZE", np.array([[rows.shape[0]]], np.int32)),
+                ]
             )
         return responses
 
@@ -57,3 +66,13 @@ class TritonPythonModel:
 
         table = torch.from_numpy(np.ascontiguousarray(rows, np.float32)).to(torch.bfloat16)
         return pb_utils.Tensor.from_dlpack("OUT_PROMPT_EMBEDDING_TABLE", torch.utils.dlpack.to_dlpack(table))
+
+
+def read_images(request) -> tuple[np.ndarray, np.ndarray]:
+    """One request's (IMAGES, IMAGES_AUX), without the batch dim; one aux view per image."""
+    images, aux = optional_input(request, "IMAGES"), optional_input(request, "IMAGES_AUX")
+    if images is None or aux is None:
+        raise InputError("the request needs both IMAGES and IMAGES_AUX")
+    if len(images[0]) != len(aux[0]):
+        raise InputError(f"IMAGES holds {len(images[0])} images but IMAGES_AUX {len(aux[0])}")
+    return images[0], aux[0]
