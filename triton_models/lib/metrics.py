@@ -11,6 +11,8 @@ one name, so each model only adds its own `model` label:
 
 from __future__ import annotations
 
+from typing import Any
+
 from mgm_ref.errors import MGMError
 from triton_models.lib.triton_io import pb
 
@@ -34,7 +36,7 @@ class RequestMetrics:
         self.model = model
         self.failures = pb_utils.MetricFamily(name=FAILURES, description=FAILURES_HELP, kind=kind)
         self.cancellations = pb_utils.MetricFamily(name=CANCELLATIONS, description=CANCELLATIONS_HELP, kind=kind)
-        self._failed: dict[str, object] = {}
+        self._failed: dict[str, Any] = {}  # reason -> pb_utils Metric
         self._cancelled = self.cancellations.Metric(labels={"model": model})
 
     def failed(self, exc: BaseException) -> None:
