@@ -101,6 +101,10 @@ class Request:
         return self.sender
 
     def is_cancelled(self) -> bool:
+        # Triton releases the request with its final response; asking afterwards crashed tritonserver
+        # (TRITONBACKEND_ResponseFactoryIsCancelled on a freed factory)
+        if self.sender.finished:
+            raise AssertionError("is_cancelled() after the final response: tritonserver would crash")
         return self.cancelled
 
     def request_id(self) -> str:

@@ -123,8 +123,14 @@ class TritonPythonModel:
 
         stages = Stages(request, self.waiters, self.prefix)
 
+        cancelled = False
+
         def send(piece: Piece):
+            nonlocal cancelled
             if piece.final:
+                # asked before the final response: after it the request is released, and asking then
+                # crashes tritonserver (in TRITONBACKEND_ResponseFactoryIsCancelled)
+                cancelled = request.is_cancelled()
                 sender.send(self.response(piece, stages.prompt_tokens), flags=FINAL)
             elif not request.is_cancelled():
                 sender.send(self.response(piece, stages.prompt_tokens))
@@ -143,7 +149,7 @@ class TritonPythonModel:
                 self.metrics.failed(e)
             sender.send(error_response(e), flags=FINAL)
             return
-        if request.is_cancelled():
+        if cancelled:
             self.metrics.cancelled()
 
     @staticmethod
