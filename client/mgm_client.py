@@ -72,7 +72,6 @@ class RequestSpec:
     def tensors(self) -> dict[str, np.ndarray]:
         """Client tensor name -> value without the batch dim (the model's input interface)."""
         blobs = [read_image(i) for i in self.images]
-        self.check_limits(blobs)
         out: dict[str, np.ndarray] = {
             "text_input": np.array([self.prompt.encode()], dtype=np.object_),
             "max_tokens": np.array([self.max_tokens], np.int32),
@@ -96,9 +95,11 @@ class RequestSpec:
             out["history"] = np.array([json.dumps([list(t) for t in self.history]).encode()], dtype=np.object_)
         return out
 
-    def check_limits(self, blobs: list[bytes]) -> None:
-        """The limits every server shares (mgm_ref.constants), checked before anything is sent. The
-        server's own limits may be lower (images and text per its context) and say so in its error."""
+    def check_limits(self) -> None:
+        """The limits every server shares (mgm_ref.constants), checked by MGMClient before anything is
+        sent (tensors() does not: a front door building tensors keeps its own checks and error codes).
+        The server's own limits may be lower (images and text per its context) and say so in its error."""
+        blobs = [read_image(i) for i in self.images]
         if len(blobs) > MAX_IMAGES_PER_REQUEST:
             raise ClientError(f"{len(blobs)} images given; a request carries at most {MAX_IMAGES_PER_REQUEST}")
         for k, blob in enumerate(blobs):
@@ -167,6 +168,7 @@ class MGMClient:
         return box[0]
 
     def _iter(self, spec: RequestSpec, stream: bool, answer_box: list, cancel=None) -> Iterator[str]:
+        spec.check_limits()
         tensors = spec.tensors()
         if self.model.endswith("mgm_bls"):  # also a named variant's NAME_mgm_bls
             tensors["stream"] = np.array([stream])

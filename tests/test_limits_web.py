@@ -257,13 +257,13 @@ def test_the_client_checks_the_shared_limits_before_sending():
     from client.mgm_client import ClientError, RequestSpec
 
     with pytest.raises(ClientError, match=f"at most {MAX_IMAGES_PER_REQUEST}"):
-        RequestSpec("Hi", [IMAGE] * (MAX_IMAGES_PER_REQUEST + 1)).tensors()
+        RequestSpec("Hi", [IMAGE] * (MAX_IMAGES_PER_REQUEST + 1)).check_limits()
     with pytest.raises(ClientError, match=f"the limit is {MAX_IMAGE_BYTES}"):
-        RequestSpec("Hi", [b"\0" * (MAX_IMAGE_BYTES + 1)]).tensors()
+        RequestSpec("Hi", [b"\0" * (MAX_IMAGE_BYTES + 1)]).check_limits()
     with pytest.raises(ClientError, match=f"the limit is {MAX_TEXT_BYTES}"):
-        RequestSpec("Hi", history=[("a" * MAX_TEXT_BYTES, "b")]).tensors()
+        RequestSpec("Hi", history=[("a" * MAX_TEXT_BYTES, "b")]).check_limits()
     with pytest.raises(ClientError, match="max_tokens must be at least 1"):
-        RequestSpec("Hi", max_tokens=0).tensors()
+        MGMClient("127.0.0.1:1").generate("Hi", max_tokens=0)  # refused before connecting
     from PIL import Image
 
     gif = io.BytesIO()
