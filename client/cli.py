@@ -24,7 +24,8 @@ from pathlib import Path
 from client.generation import DEFAULT_OUTPUT, add_gen_tag, generate_from_answer
 from client.mgm_client import Answer, ClientError, MGMClient, read_image
 from client.ocr import add_ocr_reference, ocr_tokens
-from mgm_ref.errors import run_cli
+from mgm_ref.constants import MAX_IMAGE_BYTES
+from mgm_ref.errors import MGMError, run_cli
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 EXIT_ERROR = 2
@@ -40,14 +41,22 @@ def build_question(question: str, ocr: str = "", gen: bool = False) -> str:
 
 
 def check_image(data: bytes, name: str) -> bytes:
-    """`data` if PIL can decode it, else ClientError naming `name` (fails here, not on the server)."""
+    """`data` if it is within the shared limits and PIL can decode it, else ClientError naming `name`
+    (fails here, not on the server)."""
     from PIL import Image
 
+    from mgm_ref.preprocess import check_image_format
+
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ClientError(f"the image {name} is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_image_format(im)
             im.verify()
+    except MGMError as e:
+        raise ClientError(f"the image {name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises several kinds for a bad file
-        raise ClientError(f"cannot decode the image {name}: {type(e).__name__}: {e}") from None
+        raise ClientError(f"cannot decode the image {name}: {e or type(e).__name__}") from None
     return data
 
 

@@ -23,11 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
+from mgm_ref.constants import MAX_HTTP_REQUEST_BYTES, MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, MAX_TEXT_BYTES
 from mgm_ref.errors import MGMError
 
 
 class ClientError(MGMError, RuntimeError):
     """The server is unreachable, not ready, or answered with an error (its message is kept)."""
+
+
+class ClientCancelled(ClientError):
+    """The caller set the `cancel` event: the request was cancelled on the server too."""
+
+
+CANCEL_POLL_S = 0.2  # how often a waiting call looks at its `cancel` event
 
 
 @dataclass
@@ -87,6 +95,23 @@ class RequestSpec:
             out["history"] = np.array([json.dumps([list(t) for t in self.history]).encode()], dtype=np.object_)
         return out
 
+    def check_limits(self) -> None:
+        """The limits every server shares (mgm_ref.constants), checked by MGMClient before anything is
+        sent (tensors() does not: a front door building tensors keeps its own checks and error codes).
+        The server's own limits may be lower (images and text per its context) and say so in its error."""
+        blobs = [read_image(i) for i in self.images]
+        if len(blobs) > MAX_IMAGES_PER_REQUEST:
+            raise ClientError(f"{len(blobs)} images given; a request carries at most {MAX_IMAGES_PER_REQUEST}")
+        for k, blob in enumerate(blobs):
+            if len(blob) > MAX_IMAGE_BYTES:
+                raise ClientError(f"image #{k + 1} is {len(blob)} bytes; the limit is {MAX_IMAGE_BYTES}")
+        texts = [self.prompt, *(t for turn in self.history or () for t in turn)]
+        size = sum(len(t.encode()) for t in texts)
+        if size > MAX_TEXT_BYTES:
+            raise ClientError(f"the question and history are {size} bytes; the limit is {MAX_TEXT_BYTES}")
+        if self.max_tokens < 1:
+            raise ClientError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
 
 class MGMClient:
     def __init__(
@@ -119,33 +144,37 @@ class MGMClient:
             return r.status == 200
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: str, images=(), **kwargs) -> Answer:
+    # `cancel` (a threading.Event) set by another thread ends the call with ClientCancelled and cancels
+    # the request on the server: gRPC cancels the stream at once (Triton cancels the request); HTTP
+    # closes the connection at the next piece of the answer.
+    def generate(self, prompt: str, images=(), cancel=None, **kwargs) -> Answer:
         """One whole answer (the server still streams internally; this waits for the end)."""
-        return self._run(RequestSpec(prompt, images, **kwargs), stream=False)
+        return self._run(RequestSpec(prompt, images, **kwargs), stream=False, cancel=cancel)
 
-    def stream(self, prompt: str, images=(), **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str, images=(), cancel=None, **kwargs) -> Iterator[str]:
         """Text deltas as the server produces them."""
         answer_box: list[Answer] = []
-        yield from self._iter(RequestSpec(prompt, images, **kwargs), stream=True, answer_box=answer_box)
+        yield from self._iter(RequestSpec(prompt, images, **kwargs), True, answer_box, cancel)
 
-    def stream_answer(self, prompt: str, images=(), on_delta=None, **kwargs) -> Answer:
+    def stream_answer(self, prompt: str, images=(), on_delta=None, cancel=None, **kwargs) -> Answer:
         """Stream, calling on_delta(text) per chunk, and return the whole Answer with timings."""
-        return self._run(RequestSpec(prompt, images, **kwargs), stream=True, on_delta=on_delta)
+        return self._run(RequestSpec(prompt, images, **kwargs), stream=True, on_delta=on_delta, cancel=cancel)
 
-    def _run(self, spec: RequestSpec, stream: bool, on_delta=None) -> Answer:
+    def _run(self, spec: RequestSpec, stream: bool, on_delta=None, cancel=None) -> Answer:
         box: list[Answer] = []
-        for delta in self._iter(spec, stream, box):
+        for delta in self._iter(spec, stream, box, cancel):
             if on_delta:
                 on_delta(delta)
         return box[0]
 
-    def _iter(self, spec: RequestSpec, stream: bool, answer_box: list) -> Iterator[str]:
+    def _iter(self, spec: RequestSpec, stream: bool, answer_box: list, cancel=None) -> Iterator[str]:
+        spec.check_limits()
         tensors = spec.tensors()
         if self.model.endswith("mgm_bls"):  # also a named variant's NAME_mgm_bls
             tensors["stream"] = np.array([stream])
         start = time.perf_counter()
         answer = Answer(text="")
-        source = self._grpc(tensors) if self.protocol == "grpc" else self._http(tensors, stream)
+        source = self._grpc(tensors, cancel) if self.protocol == "grpc" else self._http(tensors, stream, cancel)
         for out in source:
             text = out.get("text_output", "")
             if text and answer.client_ttft_s is None:
@@ -159,7 +188,7 @@ class MGMClient:
         answer.latency_s = time.perf_counter() - start
         answer_box.append(answer)
 
-    def _grpc(self, tensors: dict[str, np.ndarray]) -> Iterator[dict]:
+    def _grpc(self, tensors: dict[str, np.ndarray], cancel=None) -> Iterator[dict]:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -176,10 +205,7 @@ class MGMClient:
             )
             client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             while True:
-                try:
-                    result, error = results.get(timeout=self.timeout_s)
-                except queue.Empty:
-                    raise ClientError(f"no answer from {self.url} within {self.timeout_s:.0f} s") from None
+                result, error = self._next_result(results, cancel)
                 if error is not None:
                     raise ClientError(_message(error))
                 yield _outputs(result)
@@ -196,7 +222,21 @@ class MGMClient:
             finally:
                 client.close()
 
-    def _http(self, tensors: dict[str, np.ndarray], stream: bool) -> Iterator[dict]:
+    def _next_result(self, results: queue.Queue, cancel) -> tuple:
+        """The next (result, error) of the stream, looking at `cancel` while it waits."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise ClientCancelled("the request was cancelled")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClientError(f"no answer from {self.url} within {self.timeout_s:.0f} s")
+            try:
+                return results.get(timeout=min(left, CANCEL_POLL_S) if cancel is not None else left)
+            except queue.Empty:
+                continue
+
+    def _http(self, tensors: dict[str, np.ndarray], stream: bool, cancel=None) -> Iterator[dict]:
         body = {
             name: (value.tolist() if value.dtype != np.object_ else value[0].decode())
             for name, value in tensors.items()
@@ -205,9 +245,15 @@ class MGMClient:
             if name in body:
                 body[name] = body[name][0]
         endpoint = "generate_stream" if stream else "generate"
+        data = json.dumps(body).encode()
+        if len(data) > MAX_HTTP_REQUEST_BYTES:  # JSON spells each image byte as a number: gRPC carries more
+            raise ClientError(
+                f"the request is {len(data)} bytes as JSON; HTTP takes at most {MAX_HTTP_REQUEST_BYTES} "
+                "(use --protocol grpc for large images)"
+            )
         req = urllib.request.Request(
             f"http://{self.url}/v2/models/{self.model}/{endpoint}",
-            data=json.dumps(body).encode(),
+            data=data,
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -216,6 +262,8 @@ class MGMClient:
                     yield _http_outputs(json.loads(resp.read()))
                     return
                 for raw in resp:
+                    if cancel is not None and cancel.is_set():
+                        raise ClientCancelled("the request was cancelled")  # leaving closes the connection
                     line = raw.decode().strip()
                     if line.startswith("data:"):
                         yield _http_outputs(json.loads(line[5:]))

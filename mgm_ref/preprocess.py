@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from mgm_ref.constants import ACCEPTED_IMAGE_FORMATS, CLIP_MEAN, CLIP_STD, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from mgm_ref.errors import ImageError
 
 PAD_COLOR = tuple(int(x * 255) for x in CLIP_MEAN)  # (122, 116, 104)
@@ -47,6 +47,8 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_I
             image = Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ImageError(f"cannot decode the image: {e}") from None
+        if not isinstance(source, (str, Path)):  # bytes come from a request; a local file is the operator's
+            check_image_format(image)
     width, height = image.size
     if width < 1 or height < 1:
         raise ImageError(f"the image has no pixels ({width}x{height})")
@@ -57,6 +59,14 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_I
         return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode the image: {e}") from None
+
+
+def check_image_format(image: Image.Image) -> None:
+    """Only the formats the README promises (JPEG, PNG, WebP) are decoded: every other PIL decoder
+    (TIFF, BMP, ICO, PSD, ...) is attack surface nobody asked for. Reads the header only."""
+    if image.format not in ACCEPTED_IMAGE_FORMATS:
+        accepted = ", ".join(ACCEPTED_IMAGE_FORMATS)
+        raise ImageError(f"the image is {image.format or 'of an unknown format'}; accepted formats: {accepted}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ def inspect_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageHeade
         raise ImageError(f"the image is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_image_format(image)
             header = ImageHeader(image.format or "unknown", *image.size)
     except Image.DecompressionBombError as e:  # PIL's own, larger bound; ours says what the limit is
         raise ImageError(f"the image is too large: {e}; the limit is {max_pixels} pixels") from None

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mgm_ref.constants import MIN_TEXT_TOKENS
 from mgm_ref.errors import MGMError
 
 CONTRACT_VERSION = 1
@@ -125,11 +126,12 @@ def derive_limits(
         raise ContractError(f"--max_images_per_request must be >= 1, got {max_images_per_request}")
     image_tokens = tokens_per_image * max_images_per_request
     max_input_len = default_input_len if max_input_len is None else max_input_len
-    if max_input_len <= image_tokens:
+    # a request with every image must still fit its template and question, or that count is never served
+    if max_input_len < image_tokens + MIN_TEXT_TOKENS:
         raise ContractError(
             f"--max_input_len {max_input_len} leaves no room for text: it counts the image tokens "
             f"({max_images_per_request} x {tokens_per_image} = {image_tokens}) plus the text prompt; "
-            f"use at least {image_tokens + 64}"
+            f"use at least {image_tokens + MIN_TEXT_TOKENS} or fewer --max_images_per_request"
         )
     max_seq_len = max_input_len + DEFAULT_MAX_OUTPUT_LEN if max_seq_len is None else max_seq_len
     if max_seq_len <= max_input_len:

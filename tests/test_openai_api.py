@@ -25,6 +25,7 @@ from mgm_ref.conversation import get_template, image_placeholders
 from mgm_ref.model import GenerationParams
 from mgm_ref.preprocess import load_image
 from tests.helpers.images import png, random_image
+from tests.helpers.served import served_text
 from triton_models.launcher.argv import ADMIN_KEY_ENV
 from triton_models.server import free_port
 
@@ -59,7 +60,7 @@ def reference(ref, question, images=(), history=None, system=None, max_tokens=MA
         [ids], ref.image_features(pils) if pils else None, GenerationParams(max_new_tokens=max_tokens, temperature=0)
     )[0]
     prompt_tokens = len(ids) + len(images) * (ref.config.tokens_per_image - 1)
-    return ref.decode(out), len(out), prompt_tokens
+    return served_text(ref, out), len(out), prompt_tokens
 
 
 class OpenAIServer:

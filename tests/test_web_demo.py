@@ -136,7 +136,8 @@ def test_ocr_and_gen_toggles(served, web):
         (chat_body(image=b"plain text, not an image"), 400, "cannot decode the image"),
         (chat_body(history="nope"), 400, "history"),
         (chat_body(max_tokens="many"), 400, "max_tokens must be a number"),
-        (chat_body(max_tokens=0), 200, "max"),  # refused by the Triton server: an error event
+        (chat_body(max_tokens=0), 400, "max_tokens must be at least 1"),
+        (chat_body(max_tokens=5000), 200, "max_seq_len"),  # refused by the Triton server: an error event
         (chat_body(conv_mode="nope"), 200, "unknown conversation mode"),
     ],
 )

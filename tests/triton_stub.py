@@ -4,6 +4,7 @@
 triton_models/templates/<name>/1/model.py against it; `model_config(name, **values)` parses that
 model's config.pbtxt template (filled with `values`) into the JSON Triton hands to `initialize`.
 BLS calls (`InferenceRequest(...).async_exec()`) go to the fakes registered in `downstream`.
+Custom metrics (`MetricFamily`) land in `metric_families`, merged by name as Triton's registry does.
 """
 
 from __future__ import annotations
@@ -101,6 +102,10 @@ class Request:
         return self.sender
 
     def is_cancelled(self) -> bool:
+        # Triton releases the request with its final response; asking afterwards crashed tritonserver
+        # (TRITONBACKEND_ResponseFactoryIsCancelled on a freed factory)
+        if self.sender.finished:
+            raise AssertionError("is_cancelled() after the final response: tritonserver would crash")
         return self.cancelled
 
     def request_id(self) -> str:
@@ -134,6 +139,8 @@ class Metric:
     the family must outlive its metrics (the metric does not keep it alive)."""
 
     def __init__(self, family: MetricFamily, labels: dict[str, str]):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise TypeError("metric labels must be strings")  # Triton refuses other parameter types
         self._family, self.labels, self._value = weakref.ref(family), dict(labels), 0.0
 
     def family(self) -> MetricFamily:
@@ -172,6 +179,11 @@ class MetricFamily:
     def Metric(self, labels: dict[str, str] | None = None) -> Metric:
         key = tuple(sorted((labels or {}).items()))
         return self.series.setdefault(key, Metric(self, labels or {}))
+
+    def value(self, labels: dict[str, str]) -> float:
+        """Test convenience: the value of one label set (0 when never touched)."""
+        series = self.series.get(tuple(sorted(labels.items())))
+        return series.value() if series else 0.0
 
 
 # metric name -> the live family of that name, as the server would list them on its metrics port

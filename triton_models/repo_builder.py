@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
+from mgm_ref.constants import max_images_for
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import (
     LLMContract,
@@ -57,7 +57,6 @@ CONTRACT_FILE = "contract.json"  # the LLM contract a repository was filled from
 CPU_DEFAULT_MAX_BATCH_SIZE = 8
 # Default queue bound per model: this many waiting requests per batch slot, then "busy" at once.
 QUEUE_PER_SLOT = 4
-CPU_MAX_IMAGES = MAX_IMAGES_PER_REQUEST  # non-HD requests on the CPU path, as far as max_input_len allows
 # Per vision_encoder instance. Features are float32 (T x H x 4 bytes): 2.4 MB for MGM-2B, 9.4 MB for
 # 7B/8B, 16.5 MB for 34B, 47 MB for 7B-HD, 0.1-0.6 MB for the tiny test models; 512 MB holds ~54
 # images of a 7B chat (a few dozen at every non-HD size, ~10 HD) at a fraction of the LLM's memory.
@@ -99,9 +98,8 @@ def cpu_contract(
 ) -> LLMContract:
     """The CPU runner's contract, from the same formula as an engine build (it has no build step)."""
     input_len = max_input_len or config.max_length
-    if max_images_per_request is None:
-        fit = max(1, (input_len - 1) // config.tokens_per_image)
-        max_images_per_request = 1 if config.hd else min(CPU_MAX_IMAGES, fit)
+    if max_images_per_request is None:  # as many as leave room for text (derive_limits refuses 0)
+        max_images_per_request = max(1, max_images_for(input_len, config.tokens_per_image, config.hd))
     limits = derive_limits(
         max_batch_size=max_batch_size or CPU_DEFAULT_MAX_BATCH_SIZE,
         tokens_per_image=config.tokens_per_image,
@@ -296,7 +294,7 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--max_images_per_request",
         type=int,
         default=None,
-        help="gpu: at most what the engine was built for; cpu: default as many as fit (<= 4)",
+        help="gpu: at most what the engine was built for; cpu: default as many as leave room for text (<= 4)",
     )
     parser.add_argument(
         "--image_cache_mb",

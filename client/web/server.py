@@ -15,7 +15,13 @@ per-user state. Endpoints:
   "output_tokens", "ttft_ms", "latency_s", "gen"}) or `error` ({"message"}).
 
 Every failure becomes an error for that request; the server keeps serving. It binds to 127.0.0.1
-unless told otherwise: it has no authentication.
+unless told otherwise: it has no authentication. Hardening, as any page in the operator's browser
+can reach it: `POST /api/chat` takes only `application/json` from its own origin (or one named with
+`--allowed_origins`), so a cross-site form or fetch is refused with 403/415; at most
+`--max_connections` connections are served at once (more get 503 from one refusing thread, never a
+thread each), every socket read and write times out after `--socket_timeout` seconds, and every
+request, however malformed, gets an HTTP answer with a JSON error. When the page goes away mid-answer,
+a watcher sees the closed socket and cancels the Triton request behind it.
 """
 
 from __future__ import annotations
@@ -24,24 +30,36 @@ import argparse
 import base64
 import binascii
 import json
+import logging
 import mimetypes
+import queue
+import select
+import socket
 import sys
 import tempfile
 import threading
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from client.cli import build_question, check_image
 from client.generation import generate_from_answer
-from client.mgm_client import ClientError, MGMClient
+from client.mgm_client import ClientCancelled, ClientError, MGMClient
 from client.ocr import ocr_tokens
-from mgm_ref.constants import MAX_IMAGES_PER_REQUEST
+from mgm_ref.constants import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, MAX_TEXT_BYTES
 from mgm_ref.errors import MGMError, run_cli
 
+log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_IMAGES = MAX_IMAGES_PER_REQUEST
+# The page sends the images base64-encoded (4 bytes per 3) and the text JSON-escaped (at most 6 bytes
+# per byte, for \u00XX), so a body within the shared limits is at most this long.
+MAX_BODY_BYTES = -(-MAX_IMAGES * MAX_IMAGE_BYTES // 3) * 4 + 6 * MAX_TEXT_BYTES + 64 * 1024
+DEFAULT_MAX_CONNECTIONS = 32
+DEFAULT_SOCKET_TIMEOUT_S = 30.0
+REFUSAL_BACKLOG = 1024  # connections waiting for their 503 (beyond: closed unanswered)
+DISCONNECT_POLL_S = 0.25  # how often a running answer checks that its page is still connected
 
 
 class BadRequest(MGMError):
@@ -89,6 +107,8 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
         req = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("the request is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("the request's JSON is nested too deeply") from None
     if not isinstance(req, dict):
         raise BadRequest("the request must be a JSON object")
     question = req.get("question")
@@ -104,26 +124,34 @@ def parse_chat_request(body: bytes) -> dict[str, Any]:
         and all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history)
     ):
         raise BadRequest('history must be a list of ["user", "assistant"] pairs')
+    size = sum(len(t.encode("utf-8", errors="replace")) for t in [question, *(x for turn in history for x in turn)])
+    if size > MAX_TEXT_BYTES:
+        raise BadRequest(f"the question and history are {size} bytes; the limit is {MAX_TEXT_BYTES}")
 
     def number(name, kind, default=None):
         value = req.get(name, default)
         if value is None or value == "":
             return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise BadRequest(f"{name} must be a number")
         try:
             return kind(value)
-        except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise BadRequest(f"{name} must be a number, got {str(value)[:40]}") from None
 
     conv_mode = req.get("conv_mode") or None
     if conv_mode is not None and not isinstance(conv_mode, str):
         raise BadRequest("conv_mode must be a string")
+    max_tokens = number("max_tokens", int, 512)
+    if max_tokens < 1:
+        raise BadRequest(f"max_tokens must be at least 1, got {max_tokens}")
     return {
         "question": question,
         "images": images,
         "history": [tuple(t) for t in history],
         "ocr": bool(req.get("ocr")),
         "gen": bool(req.get("gen")),
-        "max_tokens": number("max_tokens", int, 512),
+        "max_tokens": max_tokens,
         "temperature": number("temperature", float),
         "top_p": number("top_p", float),
         "conv_mode": conv_mode,
@@ -145,15 +173,69 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     # ---- plumbing ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        self.timeout = self.server.socket_timeout_s  # every read and write of this connection
+        super().setup()
+
     def log_message(self, format: str, *args) -> None:
         if self.server.verbose:
             super().log_message(format, *args)
 
+    def handle_one_request(self) -> None:
+        """The standard loop, except that no request ends without an answer: a read that times out gets
+        408 and a bug in a handler 500 (the stock handler drops the connection for both)."""
+        self.responded = False
+        self.requestline, self.request_version, self.command = "", self.protocol_version, ""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if len(self.raw_requestline) > 65536:
+                return self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            if not self.parse_request():  # it answered with its own error
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                return self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command}")
+            method()
+            self.wfile.flush()
+        except TimeoutError:
+            self._last_words(HTTPStatus.REQUEST_TIMEOUT, "the request did not arrive in time")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # noqa: BLE001 - a handler bug answers 500; the server keeps serving
+            log.exception("mgm-web: internal error on %r", self.requestline)
+            self._last_words(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error in mgm-web (its log has the details)")
+
+    def _last_words(self, status: int, message: str) -> None:
+        self.close_connection = True
+        if self.responded:
+            return
+        try:
+            self._json(status, {"error": message})
+        except OSError:
+            pass
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by the HTTP parser, as JSON like every other error of this server."""
+        if self.request_version == "HTTP/0.9":  # what the parser assumes of a garbled request line
+            self.request_version = "HTTP/1.1"
+        self._json(int(code), {"error": message or HTTPStatus(code).phrase})
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.responded = True
+        super().send_response(code, message)
+
     def _send(self, status: int, body: bytes, content_type: str) -> None:
+        if status >= 400:
+            self.close_connection = True  # the rest of a refused request may still be on the wire
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -188,15 +270,22 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != "/api/chat":
             return self._json(404, {"error": f"no such endpoint: {self.path}"})
+        origin = self.headers.get("Origin")
+        if origin is not None and origin not in self.server.allowed_origins:
+            return self._json(403, {"error": f"requests from {origin} are not allowed (see --allowed_origins)"})
+        if self.headers.get_content_type() != "application/json":
+            return self._json(415, {"error": "the request must be application/json"})
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             length = -1
         if length < 0 or length > MAX_BODY_BYTES:
-            self.close_connection = True
-            return self._json(413, {"error": f"the request must be at most {MAX_BODY_BYTES >> 20} MiB"})
+            return self._json(413, {"error": f"the request must be at most {MAX_BODY_BYTES} bytes"})
+        body = self.rfile.read(length)
+        if len(body) < length:
+            return self._json(400, {"error": f"the request body ended after {len(body)} of {length} bytes"})
         try:
-            req = parse_chat_request(self.rfile.read(length))
+            req = parse_chat_request(body)
         except (BadRequest, ClientError) as e:
             return self._json(400, {"error": str(e)})
         self.chat(req)
@@ -209,6 +298,9 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True  # the stream ends when this connection closes
         demo = self.server.demo
+        gone, done = threading.Event(), threading.Event()
+        watcher = threading.Thread(target=watch_disconnect, args=(self.connection, done, gone), daemon=True)
+        watcher.start()
         try:
             tokens = ocr_tokens(req["images"]) if req["ocr"] and req["images"] else ""
             question = build_question(req["question"], tokens, req["gen"])
@@ -224,6 +316,7 @@ class Handler(BaseHTTPRequestHandler):
                 top_p=req["top_p"],
                 conv_mode=req["conv_mode"],
                 on_delta=lambda text: self._event("delta", {"text": text}),
+                cancel=gone,
             )
             gen = demo.render(answer.text) if req["gen"] else None
             self._event(
@@ -236,33 +329,123 @@ class Handler(BaseHTTPRequestHandler):
                     "gen": gen,
                 },
             )
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the page went away; leaving stream_answer cancelled the request on the server
+        except (ClientCancelled, BrokenPipeError, ConnectionResetError, TimeoutError):
+            return  # the page went away: the request on the Triton server was cancelled on the way out
         except Exception as e:  # noqa: BLE001 - any failure is this request's error, never the server's
-            message = str(e) if isinstance(e, ClientError) else f"{type(e).__name__}: {e}"
+            if gone.is_set():
+                return
+            if not isinstance(e, MGMError):
+                log.exception("mgm-web: a chat request failed")
+            message = str(e) if isinstance(e, MGMError) else f"internal error ({type(e).__name__})"
             try:
                 self._event("error", {"message": message})
             except OSError:
                 pass
+        finally:
+            done.set()
+
+
+def watch_disconnect(sock: socket.socket, done: threading.Event, gone: threading.Event) -> None:
+    """Set `gone` when the peer closes `sock` (readable with nothing to read) before `done` is set.
+
+    The request body has been read, so the socket only turns readable again at EOF (or if the client
+    pipelines another request, which means it is still there: then watching stops)."""
+    while not done.is_set():
+        try:
+            readable, _, _ = select.select([sock], [], [], DISCONNECT_POLL_S)
+            if not readable:
+                continue
+            still_there = bool(sock.recv(1, socket.MSG_PEEK))
+        except (BlockingIOError, InterruptedError):
+            continue
+        except (OSError, ValueError):  # reset, or closed under us
+            still_there = False
+        if not still_there:
+            gone.set()
+        return
 
 
 class DemoServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_connections` of them; connections beyond that get a 503
+    from one refusing thread (and are closed unanswered if even its queue is full)."""
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of connects waits here, not in SYN retries
 
-    def __init__(self, address: tuple[str, int], demo: WebDemo, verbose: bool = False):
-        self.demo, self.verbose = demo, verbose
+    def __init__(
+        self,
+        address: tuple[str, int],
+        demo: WebDemo,
+        verbose: bool = False,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+        allowed_origins: tuple[str, ...] = (),
+    ):
+        if max_connections < 1:
+            raise MGMError(f"--max_connections must be >= 1, got {max_connections}")
+        self.demo, self.verbose, self.socket_timeout_s = demo, verbose, socket_timeout_s
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.refusals: queue.Queue = queue.Queue(maxsize=REFUSAL_BACKLOG)  # sockets only, no thread each
         super().__init__(address, Handler)
+        host, port = self.server_address[:2]
+        own = {f"http://{name}:{port}" for name in (host, "127.0.0.1", "localhost")}
+        self.allowed_origins = frozenset(own | {o.rstrip("/") for o in allowed_origins})
+        threading.Thread(target=self._refuse_loop, name="mgm-web-refuse", daemon=True).start()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            try:
+                self.refusals.put_nowait(request)
+            except queue.Full:
+                self.shutdown_request(request)
+            return
+        threading.Thread(target=self._serve_one, args=(request, client_address), daemon=True).start()
 
-def make_server(demo: WebDemo, host: str = "127.0.0.1", port: int = 7860, verbose: bool = False) -> DemoServer:
+    def _serve_one(self, request, client_address) -> None:
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse_loop(self) -> None:
+        body = json.dumps({"error": "mgm-web is busy: too many connections; try again"}).encode()
+        answer = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        while True:
+            sock = self.refusals.get()
+            try:
+                sock.setblocking(False)
+                try:
+                    sock.recv(65536)  # what has arrived: closing on unread data would reset the answer
+                except OSError:
+                    pass
+                sock.settimeout(0.5)
+                sock.sendall(answer)
+            except OSError:
+                pass
+            finally:
+                self.shutdown_request(sock)
+
+
+def make_server(
+    demo: WebDemo,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    verbose: bool = False,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
+    allowed_origins: tuple[str, ...] = (),
+) -> DemoServer:
     """A bound server (port 0 picks a free one); call serve_forever(), and shutdown() to stop."""
-    return DemoServer((host, port), demo, verbose)
+    return DemoServer((host, port), demo, verbose, max_connections, socket_timeout_s, allowed_origins)
 
 
 def main(argv=None) -> int:
@@ -281,6 +464,23 @@ def main(argv=None) -> int:
     p.add_argument("--model_name", default=None, help="variant added with `mgm-build repo --name NAME`")
     p.add_argument("--sd_model", default=None, help="local Stable Diffusion XL folder for generation (optional)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
+    p.add_argument(
+        "--allowed_origins",
+        nargs="*",
+        default=[],
+        metavar="ORIGIN",
+        help="other origins whose pages may POST /api/chat, e.g. http://myhost:7860 when bound to 0.0.0.0 "
+        "(default: this server's own origin only)",
+    )
+    p.add_argument(
+        "--max_connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="connections served at once (503 above)"
+    )
+    p.add_argument(
+        "--socket_timeout",
+        type=float,
+        default=DEFAULT_SOCKET_TIMEOUT_S,
+        help="seconds any one read or write of a connection may take",
+    )
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     args = p.parse_args(argv)
@@ -292,7 +492,15 @@ def serve(args: argparse.Namespace) -> int:
     model = f"{args.model_name}_{args.model}" if args.model_name else args.model
     demo = WebDemo(url, args.protocol, model, args.sd_model, args.timeout)
     try:
-        server = make_server(demo, args.host, args.port, args.verbose)
+        server = make_server(
+            demo,
+            args.host,
+            args.port,
+            args.verbose,
+            args.max_connections,
+            args.socket_timeout,
+            tuple(args.allowed_origins),
+        )
     except OSError as e:
         raise MGMError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
     print(

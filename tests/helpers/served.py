@@ -5,6 +5,15 @@ from __future__ import annotations
 from client.cpu_repo import prepare_cpu_repo
 
 
+def served_text(ref, ids) -> str:
+    """The answer the server gives for `ids`: mgm_ref's decode, less the incomplete UTF-8 character an
+    answer cut by max_tokens can end in (the server drops it; the original shows U+FFFD)."""
+    from mgm_ref.conversation import trim_answer
+    from triton_models.lib.detokenize import drop_incomplete_tail
+
+    return trim_answer(drop_incomplete_tail(ref.tokenizer.decode(ids, skip_special_tokens=True)), ref.conv_mode)
+
+
 class Served:
     def __init__(self, ckpt, tmp):
         from mgm_ref.loader import load_model
@@ -32,7 +41,7 @@ class Served:
             self.ref.image_features(pils) if pils else None,
             GenerationParams(max_new_tokens=max_tokens, temperature=0),
         )[0]
-        return self.ref.decode(ids), len(ids)
+        return served_text(self.ref, ids), len(ids)
 
     def stop(self) -> None:
         from triton_models.server import port_is_free

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from triton_models.lib.triton_io import pb
+from triton_models.lib.triton_io import ModelCallError, pb
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def prompt_table_inputs(vision_response) -> list:
 
 
 async def call(model: str, inputs: list, outputs: list[str]):
-    """One response of `model`; RuntimeError with the callee's message when it failed."""
+    """One response of `model`; ModelCallError (a RuntimeError) with the callee's message when it failed."""
     response = await pb().InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs).async_exec()
     if response.has_error():
-        raise RuntimeError(response.error().message())
+        raise ModelCallError(response.error().message())
     return response
 
 
@@ -85,7 +85,7 @@ class StreamedTokens:
                 return None
             if response.has_error():
                 self.finished = True
-                raise RuntimeError(response.error().message())
+                raise ModelCallError(response.error().message())
             tokens = pb().get_output_tensor_by_name(response, self.output)
             if tokens is not None:  # else: the empty final response
                 return tokens.as_numpy().reshape(-1).tolist()

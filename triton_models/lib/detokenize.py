@@ -6,6 +6,15 @@ sentencepiece); decoding the whole sequence each step and emitting the new suffi
 
 from __future__ import annotations
 
+REPLACEMENT = "\ufffd"
+
+
+def drop_incomplete_tail(text: str) -> str:
+    """`text` without the replacement characters that end it: decoding token ids cut inside a UTF-8
+    character (max_tokens reached mid-character) writes U+FFFD for the bytes that never completed.
+    Replacement characters inside the text are the model's own and stay."""
+    return text.rstrip(REPLACEMENT)
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop_strings: tuple[str, ...] = ()):
@@ -26,7 +35,7 @@ class IncrementalDetokenizer:
         """Add tokens; return the text that became final (may be empty)."""
         self.ids.extend(new_ids)
         text = self.text()
-        if text.endswith("\ufffd") and not self.stopped:
+        if text.endswith(REPLACEMENT) and not self.stopped:
             return ""  # an incomplete UTF-8 sequence: wait for the next token
         # Hold back a tail that may still grow into a stop string.
         hold = (
@@ -40,8 +49,8 @@ class IncrementalDetokenizer:
         return delta
 
     def finish(self) -> str:
-        """The rest of the text once generation ended."""
-        text = self.text()
+        """The rest of the text once generation ended (a character it cut short is dropped)."""
+        text = drop_incomplete_tail(self.text())
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted += delta
         return delta

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mgm_ref.config import MGMConfig
-from mgm_ref.constants import IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST
+from mgm_ref.constants import IMAGE_TOKEN_INDEX, MAX_IMAGE_PIXELS, MAX_IMAGES_PER_REQUEST, text_bytes_limit
 from mgm_ref.conversation import build_prompt, stop_token_ids
 from mgm_ref.errors import ImageError, PromptError
 from mgm_ref.loader import load_tokenizer
@@ -51,9 +51,13 @@ def split_images(blob: np.ndarray | None, sizes: np.ndarray | None) -> list[byte
     return [data[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def parse_history(text: str | None) -> list[tuple[str, str]]:
+def parse_history(text: str | None, max_bytes: int | None = None) -> list[tuple[str, str]]:
+    """`max_bytes`: refuse longer JSON before parsing it (a JSON string is never shorter than its text,
+    and at most 6 times longer: \\u00XX for one byte)."""
     if not text:
         return []
+    if max_bytes is not None and len(text) > max_bytes:
+        raise PromptError(f"history is {len(text)} characters of JSON; the limit is {max_bytes}")
     try:
         turns = json.loads(text)
         if not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns):
@@ -92,6 +96,7 @@ class Preprocessor:
     ) -> ModelInputs:
         if not query or not query.strip():
             raise PromptError("the prompt is empty")
+        check_text_bytes(self.max_input_len, query, history, system)
         if len(images) > self.max_images:
             raise PromptError(f"{len(images)} images given; this model takes at most {self.max_images} per request")
         # headers only, before any tokenising: a refused image costs microseconds
@@ -135,6 +140,20 @@ class Preprocessor:
     def stop_words(self, conv_mode: str) -> tuple[int, np.ndarray]:
         end_id, *others = stop_token_ids(self.tokenizer, conv_mode)
         return end_id, stop_words_list([[i] for i in others])
+
+
+def check_text_bytes(
+    max_input_len: int, query: str, history: list[tuple[str, str]] | None = None, system: str | None = None
+) -> None:
+    """Refuse text that cannot fit `max_input_len` tokens by its byte count alone: before tokenising,
+    which for megabytes of text costs seconds and gigabytes (the token count is checked after)."""
+    texts = [query, system or ""] + [t for turn in history or () for t in turn]
+    size, limit = sum(len(t.encode("utf-8", errors="replace")) for t in texts), text_bytes_limit(max_input_len)
+    if size > limit:
+        raise PromptError(
+            f"the text (query, history and system prompt) is {size} bytes; at most {limit} bytes can fit "
+            f"max_input_len {max_input_len} tokens"
+        )
 
 
 def stop_words_list(words: list[list[int]]) -> np.ndarray:

@@ -7,10 +7,21 @@ of the library stays importable and testable without a server).
 from __future__ import annotations
 
 import locale
+import logging
 
 import numpy as np
 
 from mgm_ref.errors import MGMError
+
+log = logging.getLogger(__name__)
+
+
+class InputError(MGMError):
+    """A request to a model lacks an input or carries one it cannot use (named in the message)."""
+
+
+class ModelCallError(MGMError, RuntimeError):
+    """A model called from another answered with an error; its message (already user-facing) is kept."""
 
 
 def use_utf8_locale() -> None:
@@ -55,16 +66,58 @@ def string_input(request, name: str) -> str | None:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def required_input(request, name: str) -> np.ndarray:
+    """An input the model cannot do without, as numpy; InputError naming it when absent or empty."""
+    array = optional_input(request, name)
+    if array is None or array.size == 0:
+        raise InputError(f"the request has no {name} input (or it is empty)")
+    return array
+
+
 def scalar_input(request, name: str, default=None):
     array = optional_input(request, name)
     return default if array is None or array.size == 0 else array.reshape(-1)[0].item()
 
 
+def max_tokens_input(request, name: str) -> int:
+    """The client's `max_tokens`, which reaches this model as input `name`; errors use the client's name."""
+    value = scalar_input(request, name)
+    if value is None:
+        raise InputError("max_tokens is required")
+    if int(value) < 1:
+        raise InputError(f"max_tokens must be at least 1, got {int(value)}")
+    return int(value)
+
+
+def user_message(exc: BaseException) -> str:
+    """The text a client sees for `exc`. Errors of the request (MGMError, and the ValueErrors input
+    validation raises) keep their message; anything else is a bug whose message may show Python
+    internals ("'NoneType' object is not subscriptable"), so the client gets its kind and the server
+    log gets the traceback."""
+    if isinstance(exc, (MGMError, ValueError)) and str(exc):
+        return str(exc)
+    log.error("internal error while serving a request", exc_info=exc)
+    return f"internal error ({type(exc).__name__}); the server log has the details"
+
+
 def error_response(exc: BaseException):
     """An InferenceResponse carrying the error's message (the server keeps serving)."""
     pb_utils = pb()
-    message = str(exc) if str(exc) else type(exc).__name__
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(user_message(exc)))
+
+
+def per_request(requests, read) -> tuple[list, list[tuple[int, object]]]:
+    """`read(request)` for each request of a dynamic batch, before the batch's one shared call: a
+    request whose tensors it refuses gets its error response here and is left out, so it fails alone.
+    Returns (responses with those errors filled in, [(index, what read returned)] of the others)."""
+    responses: list = [None] * len(requests)
+    kept = []
+    for k, request in enumerate(requests):
+        try:
+            kept.append((k, read(request)))
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            responses[k] = error_response(e)
+    return responses, kept
 
 
 def bytes_tensor(name: str, texts: list[str]):

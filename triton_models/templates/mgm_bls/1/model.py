@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from mgm_ref.loader import load_tokenizer
 from triton_models.lib.bls import StreamedTokens, call, forward, prompt_table_inputs, rename
 from triton_models.lib.chat import ChatTemplates
+from triton_models.lib.metrics import RequestMetrics
 from triton_models.lib.pipeline import AnswerText, Piece, run_answer
 from triton_models.lib.triton_io import (
     bytes_tensor,
@@ -114,6 +115,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(params["model_dir"])
         self.templates = ChatTemplates(params["model_dir"], self.tokenizer)
         self.waiters = ThreadPoolExecutor(max_workers=STREAM_WAITERS, thread_name_prefix="mgm_bls_stream")
+        self.metrics = RequestMetrics(args["model_name"])  # Triton does not count a decoupled model's errors
 
     async def execute(self, requests):
         await asyncio.gather(*(self.serve(r) for r in requests))
@@ -124,8 +126,14 @@ class TritonPythonModel:
 
         stages = Stages(request, self.waiters, self.prefix, self.send_extra_ids)
 
+        cancelled = False
+
         def send(piece: Piece):
+            nonlocal cancelled
             if piece.final:
+                # asked before the final response: after it the request is released, and asking then
+                # crashes tritonserver (in TRITONBACKEND_ResponseFactoryIsCancelled)
+                cancelled = request.is_cancelled()
                 sender.send(self.response(piece, stages.prompt_tokens), flags=FINAL)
             elif not request.is_cancelled():
                 sender.send(self.response(piece, stages.prompt_tokens))
@@ -138,7 +146,14 @@ class TritonPythonModel:
             )
             await run_answer(stages, text, send, request.is_cancelled)
         except Exception as e:  # noqa: BLE001 - this request fails alone; the server keeps serving
+            if request.is_cancelled():
+                self.metrics.cancelled()
+            else:
+                self.metrics.failed(e)
             sender.send(error_response(e), flags=FINAL)
+            return
+        if cancelled:
+            self.metrics.cancelled()
 
     @staticmethod
     def response(piece: Piece, prompt_tokens: int):

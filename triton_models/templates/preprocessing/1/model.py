@@ -5,10 +5,12 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from mgm_ref.constants import text_bytes_limit
 from triton_models.lib.preprocess import Preprocessor, parse_history, split_images
 from triton_models.lib.triton_io import (
     check_config,
     error_response,
+    max_tokens_input,
     optional_input,
     params_of,
     string_input,
@@ -22,6 +24,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = params_of(config)
         self.max_seq_len = int(params["max_seq_len"])
+        self.max_input_len = int(params["max_input_len"])
         self.preprocessor = Preprocessor(
             params["model_dir"],
             int(params["max_input_len"]),
@@ -56,16 +59,17 @@ class TritonPythonModel:
 
     def handle(self, request):
         try:
+            output_len = max_tokens_input(request, "REQUEST_OUTPUT_LEN")  # before any image is decoded
             query = string_input(request, "QUERY")
             images = split_images(optional_input(request, "IMAGE"), optional_input(request, "IMAGE_SIZES"))
+            history = parse_history(string_input(request, "HISTORY"), 6 * text_bytes_limit(self.max_input_len))
             inputs = self.preprocessor(
                 query,
                 images,
-                parse_history(string_input(request, "HISTORY")),
+                history,
                 string_input(request, "CONV_MODE"),
                 string_input(request, "SYSTEM_PROMPT"),
             )
-            output_len = int(optional_input(request, "REQUEST_OUTPUT_LEN").reshape(-1)[0])
             if len(inputs.input_ids) + output_len > self.max_seq_len:
                 raise ValueError(
                     f"prompt ({len(inputs.input_ids)} tokens) + max_tokens ({output_len}) exceeds "

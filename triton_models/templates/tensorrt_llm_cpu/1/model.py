@@ -20,8 +20,8 @@ import triton_python_backend_utils as pb_utils
 from mgm_ref.loader import load_llm
 from triton_models.lib import attention
 from triton_models.lib.engine import GenerationRequest, LLMEngine, PrefixCache
+from triton_models.lib.metrics import RequestMetrics, StatsMetrics
 from triton_models.lib.preprocess import single_token_stops
-from triton_models.lib.stats_metrics import StatsMetrics
 from triton_models.lib.triton_io import (
     ModelConfigError,
     check_config,
@@ -83,13 +83,14 @@ class TritonPythonModel:
         attention.use_native_gqa(llm, "cpu")  # same results as "sdpa", without copying K/V per step
         prefix_cache = self.prefix_cache_from(params)
         self.engine = LLMEngine(llm, max_batch_size=int(params["max_active_requests"]), prefix_cache=prefix_cache)
-        self.metrics = None
+        self.kv_metrics = None
         if prefix_cache is not None:
-            self.metrics = StatsMetrics(
+            self.kv_metrics = StatsMetrics(
                 KV_CACHE_METRICS, {"model": args["model_name"], "version": str(args.get("model_version", "1"))}
             )
-            self.metrics.update(self.engine.snapshot())
+            self.kv_metrics.update(self.engine.snapshot())
         self.max_queue_size = int(params.get("max_queue_size") or 0)  # 0: unbounded
+        self.metrics = RequestMetrics(args["model_name"])  # Triton does not count a decoupled model's errors
         self.running = {}  # request id -> handle, for `stop` requests (touched on the event loop only)
 
     @staticmethod
@@ -128,6 +129,7 @@ class TritonPythonModel:
             # runs in the engine thread: only wake this coroutine, never call the python backend there
             handle = self.engine.submit(gen, callback=lambda *_: loop.call_soon_threadsafe(woken.set))
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            self.metrics.failed(e)
             sender.send(error_response(e), flags=FINAL)
             return
         key = request.request_id()
@@ -138,8 +140,8 @@ class TritonPythonModel:
         finally:
             if self.running.get(key) is handle:
                 del self.running[key]
-            if self.metrics is not None:
-                self.metrics.update(self.engine.snapshot())
+            if self.kv_metrics is not None:
+                self.kv_metrics.update(self.engine.snapshot())
 
     def stop(self, request_id: str) -> None:
         """Cancel the running request with this id (TensorRT-LLM's `stop` input); unknown ids are
@@ -149,18 +151,22 @@ class TritonPythonModel:
             handle.cancel()
 
     async def stream(self, request, sender, handle, streaming, woken):
-        tokens, finished = [], False
+        tokens, finished, cancelled = [], False, False
         while not finished:
             try:
                 await asyncio.wait_for(woken.wait(), CANCEL_POLL_S)
             except asyncio.TimeoutError:
                 pass
             woken.clear()
-            if request.is_cancelled():
+            if request.is_cancelled() and not cancelled:
+                cancelled = True
+                self.metrics.cancelled()
                 handle.cancel()
             try:
                 new, finished = handle.poll()
             except Exception as e:  # noqa: BLE001 - the engine failed this request
+                if not cancelled:
+                    self.metrics.failed(e)
                 sender.send(error_response(e), flags=FINAL)
                 return
             tokens.extend(new)

@@ -9,8 +9,8 @@ import triton_python_backend_utils as pb_utils
 
 from mgm_ref.errors import MGMError
 from triton_models.lib.image_encoder import MB, ImageFeatureEncoder
+from triton_models.lib.metrics import StatsMetrics
 from triton_models.lib.preprocess import split_images
-from triton_models.lib.stats_metrics import StatsMetrics
 from triton_models.lib.triton_io import check_config, error_response, optional_input, params_of, use_utf8_locale
 from triton_models.lib.vision_runner import VisionRunner
 
