@@ -1,16 +1,21 @@
 """`mgm-build vision`: MGM's vision side (CLIP + ConvNeXt + patch info mining + projector) as ONE
 graph -> ONNX -> TensorRT engine (or the ONNX Runtime CPU artifact), with a parity check per step.
 The stage reads top to bottom (options, export, ONNX parity, build, engine parity, CLI); the graph itself
-is in vision_graph.py, export and FLOP counting in onnx_export.py / onnx_flops.py.
+is in vision_graph.py, export and FLOP counting in onnx_export.py / onnx_flops.py, the CPU artifact's
+reduced-precision files in vision_cpu.py.
+Over 400 lines: one build stage with its checks and CLI; the parts that do not need this module's spec
+and errors live in the modules above.
 
     mgm-build vision --model_dir DIR --output_dir OUT [--dtype float16|bfloat16|float32]
                      [--max_batch_size N] [--backend tensorrt|tensorrt_rtx|onnxruntime]
+                     [--precision float32|bfloat16|int8] [--max_rel_l2 X]
 
 Engine boundary = `mgm_ref.vision.MGMVisionEncoder.forward(images, images_aux)`:
   images      (B, 3, 336, 336)        normal  |  (B, 5, 3, 336, 336) HD (TL, TR, BL, BR crops, global)
   images_aux  (B, 3, S, S)            S = 768 normal, 1536 HD
   image_features (B, T, H)            T = 576 normal, 2880 HD; H = the LLM hidden size
-Artifact folder (TensorRT-LLM multimodal_builder layout): `model.engine` or `model.onnx` + `config.json`.
+Artifact folder (TensorRT-LLM multimodal_builder layout): `model.engine` or `model.onnx` + `config.json`;
+the CPU artifact's bfloat16 mode writes `model.pt2` (a torch.export program, vision_cpu.py).
 """
 
 from __future__ import annotations
@@ -37,9 +42,18 @@ from build_engines.trt_engine import (
     build_engine,
     import_tensorrt,
 )
+from build_engines.vision_cpu import (
+    MAX_REL_L2,
+    PRECISIONS,
+    count_quantized,
+    export_bfloat16_program,
+    normalise_precision,
+    quantize_int8,
+)
 from build_engines.vision_graph import MGMVisionGraph
 from mgm_ref.errors import CheckpointError, MGMError
 from mgm_runtime.numerics import rel_l2  # noqa: F401  (tests import it from here)
+from mgm_runtime.torch_runner import PROGRAM_FILE
 from mgm_runtime.vision_artifact import CONFIG_FILE, MODEL_TYPE
 
 INPUT_NAMES = ("images", "images_aux")
@@ -49,6 +63,8 @@ BACKENDS = ("tensorrt", "tensorrt_rtx", "onnxruntime")
 ENGINE_FILE, ONNX_FILE = "model.engine", "model.onnx"
 # relative L2 of the artifact vs the float32 PyTorch reference above which a build is refused
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 1e-1}
+PARITY_SEED = 1234  # the parity inputs' seed: not the export's dummy inputs (seed 0)
+PARITY_INPUTS = {"inputs": f"fresh N(0, 1) pixels, batch 1, seed {PARITY_SEED}"}
 
 
 class VisionBuildError(MGMError):
@@ -109,7 +125,19 @@ def _logger(quiet: bool = False) -> Callable[[str], None]:
     return log
 
 
-def check_options(dtype: str, backend: str, max_batch_size: int) -> None:
+def check_options(dtype: str, backend: str, max_batch_size: int, precision: str | None = None) -> None:
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise VisionBuildError(f"--precision {precision!r} is not supported; choose one of {list(PRECISIONS)}")
+        if backend != "onnxruntime":
+            raise VisionBuildError(
+                f"--precision is for the CPU artifact (--backend onnxruntime); a {backend} engine's precision "
+                "is its --dtype"
+            )
+        if dtype != "float32":
+            raise VisionBuildError(
+                f"--precision {precision} starts from the float32 graph; drop --dtype {dtype} (or use float32)"
+            )
     if dtype not in DTYPES:
         raise VisionBuildError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     if backend not in BACKENDS:
@@ -117,7 +145,8 @@ def check_options(dtype: str, backend: str, max_batch_size: int) -> None:
     if backend == "onnxruntime" and dtype == "bfloat16":
         raise VisionBuildError(
             "--dtype bfloat16 cannot be served by ONNX Runtime on CPU (no bfloat16 Conv/MatMul kernels); "
-            "use --dtype float32 (recommended on CPU) or float16 for --backend onnxruntime"
+            "use --precision bfloat16 (the graph in PyTorch under bf16 autocast), or --dtype float32 "
+            "(recommended on CPU) or float16 for --backend onnxruntime"
         )
     if int(max_batch_size) < 1:
         raise VisionBuildError(f"--max_batch_size must be >= 1, got {max_batch_size}")
@@ -165,6 +194,8 @@ def artifact_config(
     file: str,
     io: dict,
     extra: dict | None = None,
+    precision: str | None = None,
+    runtime: str | None = None,
 ) -> dict:
     """The sidecar config.json: everything a server needs to feed the artifact without reading it."""
     lo, opt, hi = batch_profile(max_batch_size)
@@ -179,12 +210,15 @@ def artifact_config(
         for t in io["inputs"]
     ]
     out_dtype = io["outputs"][0]["dtype"]
+    precision = precision or dtype
     config = {
         "model_type": MODEL_TYPE,
         "backend": backend,
         "file": file,
-        "dtype": dtype,
-        "precision": dtype,
+        # what runs `file` (the CPU artifact: onnxruntime, or torch for the bfloat16 program)
+        "runtime": runtime or backend,
+        "dtype": dtype,  # of the inputs and outputs
+        "precision": precision,  # of the arithmetic: dtype, or a CPU precision mode
         "max_batch_size": hi,
         "profile": {"min": lo, "opt": opt, "max": hi},
         "inputs": inputs,
@@ -201,7 +235,7 @@ def artifact_config(
         # what TensorRT-LLM's multimodal runner reads from a vision engine's config.json
         "builder_config": {
             "model_type": MODEL_TYPE,
-            "precision": dtype,
+            "precision": precision,
             "max_batch_size": hi,
             "strongly_typed": backend != "onnxruntime",
             "output_shape": [-1, *spec.output_shape],
@@ -223,10 +257,15 @@ def verify_onnx(
     """rel L2 of ONNX Runtime on the graph vs the float32 PyTorch reference, on fresh random inputs."""
     from mgm_runtime.ort_runner import OrtRunner
 
+    return verify_runner(OrtRunner(onnx_path, threads=threads), reference, spec, batch, seed)
+
+
+def verify_runner(runner, reference: nn.Module, spec: VisionGraphSpec, batch: int = 1, seed: int = 1234) -> float:
+    """rel L2 of `runner(images=, images_aux=)` vs the float32 PyTorch reference, on fresh random inputs."""
     images, images_aux = spec.dummy_inputs(batch, torch.float32, seed)
     with torch.no_grad():
         want = reference(images, images_aux)
-    got = OrtRunner(onnx_path, threads=threads)(images=images.numpy(), images_aux=images_aux.numpy())[OUTPUT_NAME]
+    got = runner(images=images.numpy(), images_aux=images_aux.numpy())[OUTPUT_NAME]
     return rel_l2(got, want)
 
 
@@ -282,13 +321,32 @@ def build_vision(
     workspace_gb: float | None = None,
     log: Callable[[str], None] | None = None,
     source: dict | None = None,
+    precision: str | None = None,
+    max_rel_l2: float | None = None,
 ) -> dict:
     """Export a float32 `encoder` in `dtype`, verify, build for `backend`, write the artifact folder.
+    `precision` (CPU artifact only): float32, or the bfloat16 / int8 modes (build_cpu_precision).
+    `max_rel_l2` replaces the default limit of the parity check (VERIFY_TOLERANCE / MAX_REL_L2).
 
     Returns the artifact's config dict (also written to `output_dir/config.json`).
     """
     log = log or _logger()
-    check_options(dtype, backend, max_batch_size)
+    check_options(dtype, backend, max_batch_size, precision)
+    if precision in ("bfloat16", "int8"):
+        return build_cpu_precision(
+            encoder,
+            cfg,
+            output_dir,
+            precision,
+            max_batch_size,
+            keep_onnx,
+            opset,
+            exporter,
+            verify,
+            log,
+            source,
+            max_rel_l2,
+        )
     out = check_writable(output_dir)
     trt = import_tensorrt(backend) if backend != "onnxruntime" else None  # fail before the long steps
     spec = VisionGraphSpec.from_config(cfg)
@@ -310,12 +368,13 @@ def build_vision(
     if verify and dtype != "bfloat16":
         log("step 2/3: checking the ONNX graph with ONNX Runtime against PyTorch float32 (batch 1)")
         err = verify_onnx(onnx_path, reference, spec, dtype)
-        extra["parity"] = {"onnxruntime_vs_pytorch_fp32_rel_l2": err}
-        log(f"ONNX Runtime vs PyTorch float32: relative L2 {err:.2e} (limit {VERIFY_TOLERANCE[dtype]:.0e})")
-        if not err <= VERIFY_TOLERANCE[dtype]:
+        limit = VERIFY_TOLERANCE[dtype] if max_rel_l2 is None else max_rel_l2
+        extra["parity"] = {"onnxruntime_vs_pytorch_fp32_rel_l2": err, "max_rel_l2": limit, **PARITY_INPUTS}
+        log(f"ONNX Runtime vs PyTorch float32: relative L2 {err:.2e} (limit {limit:.0e})")
+        if not err <= limit:
             raise VisionBuildError(
                 f"the exported {dtype} graph does not match PyTorch: relative L2 {err:.3e} > "
-                f"{VERIFY_TOLERANCE[dtype]:.0e} ({onnx_path} kept for inspection)"
+                f"{limit:.0e} ({onnx_path} kept for inspection)"
             )
     else:
         log(
@@ -372,16 +431,17 @@ def build_vision(
                     f"{type(e).__name__}: {e} ({out / ENGINE_FILE} kept for inspection)"
                 ) from e
             extra.setdefault("parity", {})[f"{backend}_vs_pytorch_fp32_rel_l2"] = err
-            log(f"engine vs PyTorch float32 on the GPU: relative L2 {err:.2e} (limit {VERIFY_TOLERANCE[dtype]:.0e})")
-            if not err <= VERIFY_TOLERANCE[dtype]:
+            limit = VERIFY_TOLERANCE[dtype] if max_rel_l2 is None else max_rel_l2
+            log(f"engine vs PyTorch float32 on the GPU: relative L2 {err:.2e} (limit {limit:.0e})")
+            if not err <= limit:
                 raise VisionBuildError(
                     f"the {dtype} {backend} engine does not match PyTorch: relative L2 {err:.3e} > "
-                    f"{VERIFY_TOLERANCE[dtype]:.0e} ({out / ENGINE_FILE} kept for inspection)"
+                    f"{limit:.0e} ({out / ENGINE_FILE} kept for inspection)"
                 )
         else:
             log(f"engine run check skipped: {reason}; the engine was built, not run")
 
-    config = artifact_config(cfg, spec, dtype, backend, max_batch_size, file, io, extra)
+    config = artifact_config(cfg, spec, dtype, backend, max_batch_size, file, io, extra, precision=dtype)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if backend != "onnxruntime" and not keep_onnx:
         for f in onnx_files(onnx_path):
@@ -391,6 +451,87 @@ def build_vision(
         except OSError:
             pass
     log(f"done: {out / file} + {out / CONFIG_FILE}")
+    return config
+
+
+def build_cpu_precision(
+    encoder: nn.Module,
+    cfg,
+    output_dir: str | Path,
+    precision: str,
+    max_batch_size: int = 4,
+    keep_onnx: bool = False,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    verify: bool = True,
+    log: Callable[[str], None] | None = None,
+    source: dict | None = None,
+    max_rel_l2: float | None = None,
+) -> dict:
+    """The CPU artifact in a reduced precision (vision_cpu.py): int8 (ONNX Runtime, the float32 graph
+    with its weight MatMuls quantised) or bfloat16 (a torch.export program under CPU autocast).
+    The error against float32 PyTorch is always measured (it is the point of the mode), written
+    into config.json and gated: above the limit the build is refused and no config.json is written."""
+    from mgm_runtime.ort_runner import OrtRunner
+    from mgm_runtime.torch_runner import TorchProgramRunner
+
+    log = log or _logger()
+    if not verify:
+        raise VisionBuildError(f"--precision {precision} is always checked against float32: drop --no_verify")
+    out = check_writable(output_dir)
+    spec = VisionGraphSpec.from_config(cfg)
+    reference = encoder.float().eval()
+    limit = MAX_REL_L2[precision] if max_rel_l2 is None else max_rel_l2
+    extra: dict = {"source": source or {}}
+    for stale in (out / CONFIG_FILE, out / ONNX_FILE, out / PROGRAM_FILE):
+        stale.unlink(missing_ok=True)  # a refused build must not leave an older artifact loadable
+
+    if precision == "bfloat16":
+        log("step 1/3: exporting the vision graph as a torch.export program under CPU bfloat16 autocast")
+        file, runtime = PROGRAM_FILE, "torch"
+        export_bfloat16_program(MGMVisionGraph(reference).eval(), spec.dummy_inputs(2), out)
+        extra.update(exporter="torch.export", files=[PROGRAM_FILE])
+        io = {
+            "inputs": [{"name": n, "dtype": "float32"} for n in INPUT_NAMES],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32"}],
+        }
+        runner = TorchProgramRunner(out / PROGRAM_FILE)
+    else:
+        file, runtime = ONNX_FILE, "onnxruntime"
+        fp32_dir = out / "onnx"
+        log(f"step 1/3: exporting the float32 vision graph to ONNX ({exporter}), then quantising its weight MatMuls")
+        fp32_path = export_vision_onnx(reference, cfg, fp32_dir / ONNX_FILE, opset=opset, exporter=exporter, log=log)
+        quantize_int8(fp32_path, out / ONNX_FILE)
+        if not keep_onnx:
+            for f in onnx_files(fp32_path):
+                f.unlink()
+            fp32_dir.rmdir()
+        io = describe_io(out / ONNX_FILE)
+        extra.update(
+            exporter=exporter,
+            files=[p.name for p in onnx_files(out / ONNX_FILE)],
+            quantized=count_quantized(out / ONNX_FILE),
+        )
+        if keep_onnx:
+            extra["onnx_float32"] = str(fp32_path.relative_to(out))
+        runner = OrtRunner(out / ONNX_FILE)
+
+    log(f"step 2/3: measuring the {precision} artifact against PyTorch float32 on fresh inputs (batch 1)")
+    err = verify_runner(runner, reference, spec, seed=PARITY_SEED)
+    del runner
+    log(f"{precision} vs PyTorch float32: relative L2 {err:.2e} (limit {limit:.0e})")
+    if not err <= limit:
+        raise VisionBuildError(
+            f"--precision {precision} is refused: its output differs from float32 by relative L2 {err:.3e}, above "
+            f"the limit {limit:.0e}; use --precision float32 (or raise the limit with --max_rel_l2). "
+            f"{out / file} kept for inspection; no config.json written"
+        )
+    extra["parity"] = {"rel_l2_vs_pytorch_fp32": err, "max_rel_l2": limit, **PARITY_INPUTS}
+    config = artifact_config(
+        cfg, spec, "float32", "onnxruntime", max_batch_size, file, io, extra, precision=precision, runtime=runtime
+    )
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    log(f"step 3/3: done: {out / file} + {out / CONFIG_FILE}")
     return config
 
 
@@ -436,6 +577,22 @@ def add_vision_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="TensorRT-RTX target GPU architecture(s), e.g. SM86 (repeatable)",
     )
     parser.add_argument("--workspace_gb", type=float, default=None, help="TensorRT builder workspace limit")
+    parser.add_argument(
+        "--precision",
+        type=normalise_precision,
+        choices=PRECISIONS,
+        default=None,
+        help="CPU artifact (--backend onnxruntime) arithmetic: float32 (fp32, the default), bfloat16 (bf16: "
+        "PyTorch/oneDNN on avx512_bf16) or int8 (ONNX Runtime dynamic quantisation, VNNI); measured against "
+        "float32 at build time, refused above its limit",
+    )
+    parser.add_argument(
+        "--max_rel_l2",
+        type=float,
+        default=None,
+        help="refuse the artifact above this relative L2 vs PyTorch float32 (default: 1e-4 float32, "
+        "5e-2 float16, 1e-2 bfloat16, 5e-2 int8; 1e-1 for a bfloat16 TensorRT engine)",
+    )
     parser.add_argument("--no_verify", action="store_true", help="skip the parity checks against PyTorch")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
@@ -448,7 +605,7 @@ def run_vision_build(args: argparse.Namespace) -> dict:
 
     log = _logger(args.quiet)
     dtype = args.dtype or ("float32" if args.backend == "onnxruntime" else "float16")
-    check_options(dtype, args.backend, args.max_batch_size)
+    check_options(dtype, args.backend, args.max_batch_size, args.precision)
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"--model_dir {model_dir}: no such directory (expected a local MGM checkpoint folder)")
@@ -475,6 +632,8 @@ def run_vision_build(args: argparse.Namespace) -> dict:
         workspace_gb=args.workspace_gb,
         log=log,
         source={"model_dir": str(model_dir.resolve())},
+        precision=args.precision,
+        max_rel_l2=args.max_rel_l2,
     )
 
 

@@ -3,13 +3,16 @@ One file: each backend runs in a child process of this module (clean peak-RSS nu
 workers, the FLOP/peak measurements and the report share its helpers.
 
     mgm-bench vision [--hd] [--batch_sizes 1 4] [--iters 3] [--device auto|cpu|cuda] [--profile 15]
+                     [--backends eager-fp32 onnxruntime bfloat16 int8] [--exporter dynamo|torchscript]
 
 Model: the real MGM-7B vision sizes with random weights (CLIP ViT-L/14-336 + ConvNeXt-L at 768, or
 1536 with --hd, patch info mining, projector to 4096). `--tiny` uses the test-sized towers instead.
 
 - CPU (default without a GPU): eager float32 PyTorch (mgm_ref, the original operation order) vs the
   ONNX Runtime float32 artifact that `mgm-build vision --backend onnxruntime` writes (re-associated
-  mining). Targets at batch 1: the artifact >= 3x faster than eager, and within 2x of its FLOP floor.
+  mining), and its two reduced-precision modes (`--precision bfloat16`: PyTorch under bf16 autocast;
+  `--precision int8`: ONNX Runtime with int8 weight MatMuls). Targets at batch 1: the float32 artifact
+  >= 3x faster than eager, and within 2x of its FLOP floor.
 - GPU with TensorRT: eager float16 PyTorch on the GPU vs the float16 TensorRT engine.
 - GPU without TensorRT: eager float16 (and float32) PyTorch on the GPU.
 
@@ -40,7 +43,8 @@ import time
 from pathlib import Path
 
 SEED = 0
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-2, "int8": 5e-2}
+CPU_PRECISION_KINDS = ("bfloat16", "int8")  # backends that are the CPU artifact in that --precision
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +137,53 @@ def measure_matmul_peak(threads: int, n: int = 4096, repeats: int = 5) -> float:
             run()
             best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def measure_low_precision_peaks(threads: int, n: int = 4096, repeats: int = 3) -> dict:
+    """GFLOP/s of one n^3 GEMM in each reduced-precision mode's own kernel: PyTorch under bf16
+    autocast (oneDNN), and ONNX Runtime's dynamically quantised MatMul (int8 weights, VNNI)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from build_engines.vision_cpu import quantize_int8
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+        return 2 * n**3 / min(times) / 1e9
+
+    def bf16():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return a @ b
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        [numpy_helper.from_array(b.numpy(), "w")],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path, int8_path = Path(tmp) / "gemm.onnx", Path(tmp) / "gemm-int8.onnx"
+        import onnx
+
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32_path)
+        quantize_int8(fp32_path, int8_path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(int8_path), opts, providers=["CPUExecutionProvider"])
+    feeds = {"a": np.ascontiguousarray(a.numpy())}
+    return {"bfloat16": best(bf16), "int8": best(lambda: session.run(None, feeds))}
 
 
 def graph_gflop_per_image(onnx_path: Path, cfg, batch: int = 1) -> float:
@@ -228,10 +279,10 @@ def _run_backend(kind: str, opts: dict) -> dict:
     torch.set_num_threads(threads)
     cfg = real_config(opts["hd"], tiny=opts["tiny"])
     if kind == "matmul-peak":
-        return {"kind": kind, "gflops": measure_matmul_peak(threads)}
+        return {"kind": kind, "gflops": measure_matmul_peak(threads), **measure_low_precision_peaks(threads)}
     if kind == "onnxruntime-profile":
         images, images_aux = inputs_for(cfg, 1)
-        onnx_path = Path(opts["artifact"]) / "model.onnx"
+        onnx_path = Path(opts["artifacts"]["onnxruntime"]) / "model.onnx"
         return {
             "kind": kind,
             **ort_node_profile(
@@ -251,7 +302,7 @@ def _run_backend(kind: str, opts: dict) -> dict:
     else:
         from mgm_runtime.vision_artifact import load_vision_artifact
 
-        _, runner = load_vision_artifact(opts["artifact"], threads=threads)
+        _, runner = load_vision_artifact(opts["artifacts"][kind], threads=threads)
 
         def run(images, images_aux):
             return runner(images=images, images_aux=images_aux)["image_features"]
@@ -318,19 +369,25 @@ def run_in_child(kind: str, opts: dict, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
-def build_artifact(cfg, out_dir: Path, backend: str, dtype: str, max_batch: int, exporter: str) -> Path:
+def build_artifact(
+    cfg, out_dir: Path, backend: str, dtype: str, max_batch: int, exporter: str, precision: str | None = None
+) -> Path:
+    """Build (or reuse) one artifact. A reduced `precision` is always measured against float32 at build
+    time (the build prints it and refuses it above its limit); float32 builds skip that check here,
+    since every backend's output is compared with eager float32 below."""
     from build_engines.vision import build_vision
 
+    precision = precision or dtype
     config_path = out_dir / "config.json"
     if config_path.is_file():
         old = json.loads(config_path.read_text())
-        if (old.get("backend"), old.get("dtype"), old.get("max_batch_size"), old.get("hd"), old.get("exporter")) == (
-            backend,
-            dtype,
-            max_batch,
-            cfg.hd,
-            exporter,
-        ):
+        if (
+            old.get("backend"),
+            old.get("precision"),
+            old.get("max_batch_size"),
+            old.get("hd"),
+            old.get("exporter"),
+        ) == (backend, precision, max_batch, cfg.hd, "torch.export" if precision == "bfloat16" else exporter):
             print(f"reusing {out_dir} (built earlier with the same options)", flush=True)
             return out_dir
     t = time.perf_counter()
@@ -343,10 +400,11 @@ def build_artifact(cfg, out_dir: Path, backend: str, dtype: str, max_batch: int,
         max_batch_size=max_batch,
         backend=backend,
         exporter=exporter,
-        keep_onnx=True,
-        verify=False,
+        keep_onnx=precision == dtype,
+        verify=precision != dtype,
+        precision=precision if precision != dtype else None,
     )
-    print(f"built the {backend} {dtype} artifact ({exporter} export) in {time.perf_counter() - t:.0f}s", flush=True)
+    print(f"built the {backend} {precision} artifact ({exporter} export) in {time.perf_counter() - t:.0f}s", flush=True)
     return out_dir
 
 
@@ -357,7 +415,7 @@ def plan(device: str) -> tuple[str, list[str], str | None, str]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        return device, ["eager-fp32", "onnxruntime"], "onnxruntime", "float32"
+        return device, ["eager-fp32", "onnxruntime", *CPU_PRECISION_KINDS], "onnxruntime", "float32"
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     try:
@@ -388,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also print ONNX Runtime's per-node profile of the artifact at batch 1 (top N)",
     )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=None,
+        help="time only these (default on CPU: eager-fp32 onnxruntime bfloat16 int8; the first is the reference)",
+    )
     p.add_argument("--work_dir", default=None, help="where the artifact and outputs go (reused across runs)")
     p.add_argument("--timeout_s", type=float, default=3600, help="per backend")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -397,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = args.threads or default_threads()
     device, kinds, artifact_backend, artifact_dtype = plan(args.device)
+    if args.backends:
+        unknown = set(args.backends) - set(kinds)
+        if unknown:
+            raise SystemExit(f"--backends {sorted(unknown)}: this device times {kinds}")
+        kinds = [k for k in kinds if k in args.backends]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-vision-"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = real_config(args.hd, tiny=args.tiny)
@@ -413,16 +482,26 @@ def main(argv: list[str] | None = None) -> int:
     print(load_warning(threads), flush=True)
 
     artifact = None
+    artifacts = {}
     if artifact_backend:
-        artifact = build_artifact(
-            cfg,
-            work / f"{artifact_backend}-{artifact_dtype}-{'hd' if args.hd else 'normal'}"
-            f"{'-tiny' if args.tiny else ''}-{args.exporter}",
-            artifact_backend,
-            artifact_dtype,
-            max(args.batch_sizes),
-            args.exporter,
-        )
+        # the float32 artifact is always built: the FLOPs of every artifact kind are counted from its graph
+        for kind in [artifact_backend if artifact_backend == "onnxruntime" else "tensorrt"] + [
+            k for k in kinds if k in CPU_PRECISION_KINDS
+        ]:
+            precision = kind if kind in CPU_PRECISION_KINDS else artifact_dtype
+            artifacts[kind] = str(
+                build_artifact(
+                    cfg,
+                    work / f"{artifact_backend}-{precision}-{'hd' if args.hd else 'normal'}"
+                    f"{'-tiny' if args.tiny else ''}-{args.exporter}",
+                    artifact_backend,
+                    artifact_dtype,
+                    max(args.batch_sizes),
+                    args.exporter,
+                    precision,
+                )
+            )
+        artifact = artifacts["onnxruntime" if artifact_backend == "onnxruntime" else "tensorrt"]
     opts = {
         "threads": threads,
         "hd": args.hd,
@@ -431,12 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "iters": args.iters,
         "work_dir": str(work),
-        "artifact": str(artifact),
+        "artifacts": artifacts,
         "profile": args.profile,
     }
 
     results = {}
-    extra = ["matmul-peak"] + (["onnxruntime-profile"] if args.profile and artifact_backend == "onnxruntime" else [])
+    extra = ["matmul-peak"] + (["onnxruntime-profile"] if args.profile and "onnxruntime" in kinds else [])
     for kind in [*kinds, *extra]:
         print(f"timing {kind} ...", flush=True)
         results[kind] = run_in_child(kind, opts, args.timeout_s)
@@ -457,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         gflop["artifact"] = graph_gflop_per_image(onnx_path, cfg)
         gflop["eager"] = gflop["artifact"] + views * (mining["reference"] - mining["reassociated"])
     peak = results["matmul-peak"].get("gflops")
+    # each mode's own GEMM peak (bf16 autocast, int8 VNNI); float32 kinds use the float32 peak
+    own_peak = {k: results["matmul-peak"].get(k) for k in CPU_PRECISION_KINDS}
 
     # ---- report ------------------------------------------------------------------------------
     import numpy as np
@@ -464,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     from mgm_runtime.numerics import rel_l2
 
     base = kinds[0]  # eager float32: the reference output
-    fast = kinds[-1]
+    fast = "onnxruntime" if "onnxruntime" in kinds else kinds[-1]  # the float32 artifact: the targets' subject
     slow = "eager-fp16-cuda" if fast == "tensorrt" else base
     ok = all("error" not in r for r in results.values())
     print()
@@ -476,20 +557,20 @@ def main(argv: list[str] | None = None) -> int:
     if peak:
         print(
             f"float32 matmul peak (one 4096^3 GEMM, best of PyTorch and ONNX Runtime, {threads} threads): "
-            f"{peak:.0f} GFLOP/s"
+            f"{peak:.0f} GFLOP/s" + "".join(f"; {k} GEMM {v:.0f} GFLOP/s" for k, v in own_peak.items() if v)
         )
     print()
     print(
         f"| backend | batch | median latency (ms) | per image (ms) | speed-up vs {slow} | CPU time (ms) | "
-        f"CPU-time ratio | GFLOP / image | GFLOP/s | % of matmul peak | latency / FLOP floor | "
-        f"rel L2 vs {base} | peak memory |"
+        f"CPU-time ratio | GFLOP / image | GFLOP/s | % of fp32 matmul peak | latency / FLOP floor | "
+        f"% of own-precision GEMM peak | rel L2 vs {base} | peak memory |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for kind in kinds:
         r = results[kind]
         if "error" in r:
-            print(f"| {kind} | - | failed | | | | | | | | | | |")
+            print(f"| {kind} | - | failed | | | | | | | | | | | |")
             continue
         mem = f"{r['peak_rss_mb'] / 1024:.1f} GiB RSS" + (
             f", {r['peak_gpu_mb'] / 1024:.1f} GiB GPU" if "peak_gpu_mb" in r else ""
@@ -505,22 +586,30 @@ def main(argv: list[str] | None = None) -> int:
             if "error" not in results.get(base, {"error": 1}):
                 err_v = rel_l2(np.load(b["output"]), np.load(results[base]["batches"][batch]["output"]))
                 err = f"{err_v:.1e}"
-                tol = TOLERANCE["float16" if ("fp16" in kind or kind == "tensorrt") else "float32"]
+                tol = TOLERANCE[
+                    kind
+                    if kind in CPU_PRECISION_KINDS
+                    else "float16"
+                    if ("fp16" in kind or kind == "tensorrt")
+                    else "float32"
+                ]
                 if err_v > tol:
                     ok = False
                     err += f" (> {tol:.0e}!)"
             per_image = b["median_s"] / batch
-            rate = pct = floor = ""
+            rate = pct = floor = own = ""
             if g:
                 rate = f"{g / per_image:.0f}"
                 if peak and device == "cpu":
                     pct = f"{100 * g / per_image / peak:.0f}%"
                     floor = f"{per_image / (g / peak):.2f}x"
                     summary[(kind, batch)] = per_image / (g / peak)
+                    mode_peak = own_peak.get(kind) or peak
+                    own = f"{100 * g / per_image / mode_peak:.0f}%"
             print(
                 f"| {kind} | {batch} | {b['median_s'] * 1000:.1f} | {per_image * 1000:.1f} | {ratio} | "
                 f"{b['cpu_median_s'] * 1000:.0f} | {cpu_ratio} | {f'{g:.1f}' if g else ''} | {rate} | {pct} | "
-                f"{floor} | {err} | {mem} |"
+                f"{floor} | {own} | {err} | {mem} |"
             )
     print(f"\nload average at the start: see above; at the end: {end_load}")
     if device == "cpu" and ok:
@@ -558,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gflop_per_image": gflop,
                     "mining_gflop_per_view": mining,
                     "matmul_peak_gflops": peak,
+                    "mode_peak_gflops": own_peak,
                     "results": results,
                 },
                 indent=2,
