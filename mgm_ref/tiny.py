@@ -264,11 +264,11 @@ def build_tiny(llm: str = "llama", hd: bool = False, seed: int = 0, template: st
     config = MGMConfig.from_dict(raw)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    vision = MGMVisionEncoder(config).eval()
+    encoder = MGMVisionEncoder(config).eval()
     model = AutoModelForCausalLM.from_config(config.llm_config, dtype=torch.float32).eval()
-    _bf16_exact(vision, generator)
+    _bf16_exact(encoder, generator)
     _bf16_exact(model, generator)
-    return raw, tokenizer, config, vision, model
+    return raw, tokenizer, config, encoder, model
 
 
 def official_state_dict(vision: MGMVisionEncoder, llm) -> dict[str, torch.Tensor]:

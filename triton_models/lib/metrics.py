@@ -69,7 +69,7 @@ class StatsMetrics:
             )
             self.families.append(family)
             self.metrics[field] = (kind, family.Metric(labels=labels))
-        self.reported = dict.fromkeys(self.metrics, 0)
+        self.reported: dict[str, float] = dict.fromkeys(self.metrics, 0.0)
 
     def update(self, stats: Mapping[str, int | float]) -> None:
         for field, (kind, metric) in self.metrics.items():

@@ -92,7 +92,8 @@ class PrefixCache:
         """
         if not keys:
             return 0
-        added, chain, parent = 0, [], _ROOT
+        added, parent = 0, _ROOT
+        chain: list = []
         for i, key in enumerate(keys):
             block = self._blocks.get(key)
             if block is None:

@@ -370,7 +370,8 @@ class LLMEngine:
     def _keep_prompt(self, p: _Prefill) -> None:
         """Cache the blocks of a fully prefilled prompt (its own cache holds every column)."""
         if self.prefix_cache is not None:
-            self.prefix_cache.insert_columns(p.keys, [(x.keys[0], x.values[0]) for x in p.cache.layers], 0)
+            layers = [(x.keys[0], x.values[0]) for x in p.cache.layers]  # type: ignore[index]
+            self.prefix_cache.insert_columns(p.keys, layers, 0)
 
     def _keep_row(self, row: int) -> None:
         """Cache the blocks of a leaving row: its prompt plus the generated tokens fed so far."""
@@ -386,7 +387,7 @@ class LLMEngine:
         ids = np.concatenate([v.ids.numpy(), fed])
         extra = None if v.extra_ids is None else np.concatenate([v.extra_ids, np.zeros(fed.size, np.uint64)])
         keys = block_keys(ids, extra, pc.block_tokens, self.vocab_size)
-        pc.insert_columns(keys, [(x.kbuf[row], x.vbuf[row]) for x in c.layers], pad)  # type: ignore[index]
+        pc.insert_columns(keys, [(x.kbuf[row], x.vbuf[row]) for x in c.layers], pad)  # type: ignore[attr-defined]
 
     def _prefill_work(self) -> None:
         """Prefill queued prompts, oldest first, within this turn's token budget (prefill_chunk)."""
