@@ -38,11 +38,14 @@ def test_preprocessor_expands_each_image_into_its_own_fake_ids(llama_dir):
     assert fake == list(range(1000, 1000 + 2 * t))  # one flat table: the second image continues the first
     first = ids.index(1000)
     assert ids[first : first + t] == list(range(1000, 1000 + t))
-    assert out.images.shape == (2, 3, pre.config.lr_size, pre.config.lr_size) and out.images.dtype == np.float32
-    assert out.images_aux.shape[0] == 2
+    # the images travel encoded, as received; each row carries its image's extra id, text rows 0
+    assert out.image_bytes.tobytes() == b"".join(images) and out.image_sizes.tolist() == [len(b) for b in images]
+    extra = out.extra_ids[np.asarray(ids) >= 1000]
+    assert len(set(extra[:t].tolist())) == 1 and len(set(extra[t:].tolist())) == 1 and extra[0] != extra[t]
+    assert (out.extra_ids[np.asarray(ids) < 1000] == 0).all() and (extra != 0).all()
     assert out.end_id == pre.tokenizer.eos_token_id
     text_only = pre("Say something.", [])
-    assert text_only.images.shape[0] == 0 and max(text_only.input_ids) < 1000
+    assert text_only.image_sizes.size == 0 and max(text_only.input_ids) < 1000
     assert IMAGE_TOKEN_INDEX not in out.input_ids
 
 
