@@ -167,7 +167,6 @@ def template_values(
     values = {
         "triton_max_batch_size": contract.max_batch_size,
         "max_queue_delay_microseconds": 1000,
-        "max_queue_size": max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size,
         "model_dir": model_dir.resolve(),
         "hidden_size": contract.hidden_size,
         "max_input_len": contract.max_input_len,
@@ -186,7 +185,9 @@ def template_values(
     }
     if contract.runtime == "pytorch":
         values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
-        values.update(kv_cache_mb=kv_cache_mb)
+        values.update(
+            kv_cache_mb=kv_cache_mb, max_queue_size=max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size
+        )
     else:
         values.update(llm_engine_dir=(engine_dir / "llm" / "engine").resolve(), tokenizer_dir=model_dir.resolve())
     return values
@@ -319,7 +320,7 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--max_queue_size",
         type=int,
         default=None,
-        help=f"requests each model keeps waiting before refusing new ones as busy "
+        help=f"cpu: requests the LLM keeps waiting before refusing new ones as busy "
         f"(default {QUEUE_PER_SLOT} x max_batch_size)",
     )
     parser.add_argument(
