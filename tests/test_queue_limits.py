@@ -9,10 +9,9 @@ import queue
 import threading
 import time
 
-import numpy as np
 import pytest
 
-from tests.test_soak import direct_llm_tokens
+from tests.test_soak import direct_llm_inputs, direct_llm_tokens
 
 pytestmark = pytest.mark.server
 
@@ -24,18 +23,7 @@ def stream_first_token(url: str, ids: list[int], end_id: int, max_tokens: int, g
     """Like direct_llm_tokens, but reports ('first', t) on the first token and ('done', ids|error)."""
     import tritonclient.grpc as grpcclient
 
-    tensors = {
-        "input_ids": np.array([ids], np.int32),
-        "input_lengths": np.array([[len(ids)]], np.int32),
-        "request_output_len": np.array([[max_tokens]], np.int32),
-        "end_id": np.array([[end_id]], np.int32),
-        "streaming": np.array([[True]]),
-    }
-    inputs = []
-    for name, value in tensors.items():
-        inp = grpcclient.InferInput(name, list(value.shape), "BOOL" if value.dtype == bool else "INT32")
-        inp.set_data_from_numpy(value)
-        inputs.append(inp)
+    inputs = direct_llm_inputs(ids, end_id, max_tokens)
     client = grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))

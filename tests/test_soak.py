@@ -36,10 +36,8 @@ PATHS = [
 TEXT_PROMPT = "Tell me a story."
 
 
-def direct_llm_tokens(url: str, ids: list[int], end_id: int, max_tokens: int) -> list[int]:
-    """Stream a text-only prompt through the `tensorrt_llm` model itself; the ids it produced."""
-    import queue
-
+def direct_llm_inputs(ids: list[int], end_id: int, max_tokens: int) -> list:
+    """gRPC inputs of a streamed text-only request to the `tensorrt_llm` model itself."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
@@ -55,6 +53,16 @@ def direct_llm_tokens(url: str, ids: list[int], end_id: int, max_tokens: int) ->
         inp = grpcclient.InferInput(name, list(value.shape), "BOOL" if value.dtype == bool else "INT32")
         inp.set_data_from_numpy(value)
         inputs.append(inp)
+    return inputs
+
+
+def direct_llm_tokens(url: str, ids: list[int], end_id: int, max_tokens: int) -> list[int]:
+    """Stream a text-only prompt through the `tensorrt_llm` model itself; the ids it produced."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    inputs = direct_llm_inputs(ids, end_id, max_tokens)
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     out: list[int] = []

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.bench.common import BenchError, log
+from client.bench.common import BenchError, log, tiny_checkpoint_with_vision
 
 VARIANTS = ("cached", "uncached")
 QUESTIONS = (
@@ -175,25 +175,11 @@ def table(results: dict, vision_size: str, load: tuple[float, float, float]) -> 
 
 def build_two_variant_repo(work: Path, vision_size: str, llm: str) -> Path:
     """A checkpoint, its vision artifact, and one repository holding it as `cached` and `uncached`."""
-    from build_engines.vision import build_vision
-    from mgm_ref.loader import load_model
-    from mgm_ref.tiny import write_tiny_checkpoint
     from triton_models.repo_builder import build_repo
 
-    ckpt = write_tiny_checkpoint(work / "ckpt", llm, False, seed=0, vision="real" if vision_size == "7b" else "tiny")
-    ref = load_model(ckpt)
     t = time.perf_counter()
-    build_vision(
-        ref.vision,
-        ref.config,
-        work / "engines" / "vision",
-        dtype="float32",
-        backend="onnxruntime",
-        max_batch_size=1,
-        verify=False,
-        log=lambda m: None,
-    )
-    log(f"built the {vision_size} vision artifact in {time.perf_counter() - t:.0f} s")
+    ckpt = tiny_checkpoint_with_vision(work, llm, "real" if vision_size == "7b" else "tiny")
+    log(f"wrote the checkpoint and built its {vision_size} vision artifact in {time.perf_counter() - t:.0f} s")
     repo = work / "repo"
     build_repo(ckpt, work / "engines", repo, backend="cpu", name="cached")
     build_repo(ckpt, work / "engines", repo, backend="cpu", name="uncached", image_cache_mb=0, kv_cache_reuse=False)

@@ -196,25 +196,12 @@ def table(results: dict, load: tuple[float, float, float]) -> str:
 
 def _start_servers(work: Path):
     """Tiny llama repository on CPU, tritonserver and mgm-openai on free loopback ports."""
-    from build_engines.vision import build_vision
+    from client.bench.common import tiny_checkpoint_with_vision
     from client.openai_api.app import Settings  # noqa: F401  (fails early without the openai extra)
-    from mgm_ref.loader import load_model
-    from mgm_ref.tiny import write_tiny_checkpoint
     from triton_models.repo_builder import build_repo
     from triton_models.server import TritonServer, free_port
 
-    ckpt = write_tiny_checkpoint(work / "ckpt", "llama", False, seed=0)
-    ref = load_model(ckpt)
-    build_vision(
-        ref.vision,
-        ref.config,
-        work / "engines" / "vision",
-        dtype="float32",
-        backend="onnxruntime",
-        max_batch_size=4,
-        verify=False,
-        log=lambda m: None,
-    )
+    ckpt = tiny_checkpoint_with_vision(work, max_batch_size=4)
     server = TritonServer(build_repo(ckpt, work / "engines", work / "repo", backend="cpu")).start(timeout=600)
     import subprocess
 
