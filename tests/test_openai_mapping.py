@@ -181,3 +181,15 @@ def test_named_variant_prefixes_models_and_keeps_the_others(tmp_path):
     assert variant_names(repo) == ["mgm-7b", "mgm-hd"]
     with pytest.raises(MGMError):
         add_named_variant(build, repo, "bad_name")
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_streamed_delta_is_the_chunk_json_encoded_whole(include_usage):
+    from client.openai_api import schema
+    from client.openai_api.app import _ContentEvents, _sse
+
+    for model in ['mo"del\\', "a\x00b", "mgm"]:
+        events = _ContentEvents("chatcmpl-x", model, 12, include_usage)
+        for text in ["hi", 'a"b\\c\n\x00é😀', "", "\u2028"]:
+            whole = _sse(schema.chunk("chatcmpl-x", model, 12, {"content": text}, include_usage=include_usage))
+            assert events(text) == whole
