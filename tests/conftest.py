@@ -32,3 +32,16 @@ def tiny_checkpoints(tmp_path_factory):
 def served_llama(tiny_checkpoints, tmp_path_factory):
     """One tiny-llama server shared by the serving, client and web tests (each start costs ~30 s)."""
     yield from serve(tiny_checkpoints, tmp_path_factory, "llama")
+
+
+@pytest.fixture
+def stub(monkeypatch):
+    """Fake `triton_python_backend_utils` for running a model.py in process."""
+    from tests import triton_stub
+
+    return triton_stub.install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_checkpoints):
+    return tiny_checkpoints("llama")

@@ -21,11 +21,6 @@ from triton_models.lib.image_key import PixelConfig, extra_id, image_key, prompt
 from triton_models.lib.preprocess import Preprocessor
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tiny_checkpoints):
-    return tiny_checkpoints("llama")
-
-
 def features(seed: int, rows: int = 6, hidden: int = 8) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, hidden)).astype(np.float32)
 

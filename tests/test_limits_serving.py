@@ -27,16 +27,6 @@ MAX_INPUT_LEN = 2048
 REPR = re.compile(r"object at 0x|NoneType|<class |np\.\w+\(|array\(|Traceback")
 
 
-@pytest.fixture
-def stub(monkeypatch):
-    return tb.install(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_checkpoints):
-    return tiny_checkpoints("llama")
-
-
 @pytest.fixture(scope="module")
 def pre(llama_dir):
     return Preprocessor(llama_dir, max_input_len=MAX_INPUT_LEN)

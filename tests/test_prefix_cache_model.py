@@ -18,16 +18,6 @@ from triton_models.repo_builder import DEFAULT_KV_CACHE_MB, build_repo
 KEY = (1 << 63) | 0xABCDEF
 
 
-@pytest.fixture
-def stub(monkeypatch):
-    return tb.install(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_checkpoints):
-    return tiny_checkpoints("llama")
-
-
 def image_request(vocab, hidden, text, rows=40, extra=True, seed=0, max_tokens=6):
     g = torch.Generator().manual_seed(seed)
     ids = [1, 5, 6] + list(range(vocab, vocab + rows)) + text

@@ -18,11 +18,6 @@ from triton_models.lib.preprocess import Preprocessor, parse_history, single_tok
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tiny_checkpoints):
-    return tiny_checkpoints("llama")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(llama_dir):
     return load_tokenizer(llama_dir)
 

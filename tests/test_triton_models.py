@@ -16,16 +16,6 @@ from triton_models.lib.triton_io import ModelConfigError
 from triton_models.repo_builder import extra_ids_values
 
 
-@pytest.fixture
-def stub(monkeypatch):
-    return tb.install(monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tiny_checkpoints):
-    return tiny_checkpoints("llama")
-
-
 def values(model_dir, **extra):
     config = MGMConfig.from_model_dir(model_dir)
     out = dict(
