@@ -29,7 +29,7 @@ from mgm_runtime.contract import read_llm_contract
 from tests import triton_stub
 from tests import upstream_facts as F
 from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
-from triton_models.repo_builder import build_repo
+from triton_models.repo_builder import ServingOptions, build_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -412,7 +412,7 @@ def test_kv_cache_reuse_is_always_written_explicitly(tiny_checkpoints, tmp_path,
     ckpt = tiny_checkpoints("llama")
     cfg = fake_vision(tmp_path / "eng", ckpt, "tensorrt")
     fake_llm_engine(tmp_path / "eng", cfg, dtype="float16", max_images_per_request=1)
-    repo = build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "gpu", kv_cache_reuse=reuse)
+    repo = build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "gpu", options=ServingOptions(kv_cache_reuse=reuse))
     p = params(parse(repo / "tensorrt_llm" / "config.pbtxt"))
     assert F.KV_REUSE_DEFAULT_WHEN_ABSENT and F.KV_REUSE_PARAMETER in p, str(F.MODEL_INSTANCE_STATE)
     assert p[F.KV_REUSE_PARAMETER] == ("true" if reuse else "false") and p[F.KV_REUSE_PARAMETER] in F.BOOL_STRINGS

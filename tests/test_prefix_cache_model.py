@@ -13,7 +13,7 @@ from tests import triton_stub as tb
 from tests.helpers.repo_fixtures import fake_vision
 from tests.test_triton_models import start, values
 from triton_models.lib.triton_io import ModelConfigError
-from triton_models.repo_builder import DEFAULT_KV_CACHE_MB, build_repo
+from triton_models.repo_builder import DEFAULT_KV_CACHE_MB, ServingOptions, build_repo
 
 KEY = (1 << 63) | 0xABCDEF
 
@@ -109,11 +109,13 @@ def test_repo_flags_reach_the_tensorrt_llm_config(tiny_checkpoints, tmp_path):
     build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")
     p = params(llm.read_text())
     assert (p["enable_kv_cache_reuse"], p["kv_cache_mb"]) == ("true", str(DEFAULT_KV_CACHE_MB))
-    build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", kv_cache_reuse=False, kv_cache_mb=8)
+    build_repo(
+        ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", options=ServingOptions(kv_cache_reuse=False, kv_cache_mb=8)
+    )
     p = params(llm.read_text())
     assert (p["enable_kv_cache_reuse"], p["kv_cache_mb"]) == ("false", "8")
     with pytest.raises(ValueError, match="kv_cache_mb"):
-        build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", kv_cache_mb=-1)
+        ServingOptions(kv_cache_mb=-1)
 
 
 def test_mgm_build_repo_parses_the_switches():

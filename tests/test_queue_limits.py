@@ -55,13 +55,13 @@ def test_full_queue_refuses_new_work_as_busy(tiny_checkpoints, tmp_path):
     from mgm_ref.loader import load_model
     from mgm_ref.model import GenerationParams
     from triton_models.launcher.process import TritonServer
-    from triton_models.repo_builder import build_repo
+    from triton_models.repo_builder import ServingOptions, build_repo
 
     ckpt = tiny_checkpoints("llama")
     work = tmp_path / "work"
     prepare_cpu_repo(ckpt, work, max_batch_size=1, log=lambda m: None)  # builds the vision artifact
     (engines,) = (work / "engines").iterdir()
-    repo = build_repo(ckpt, engines, work / "repo", "cpu", max_batch_size=1, max_queue_size=1)
+    repo = build_repo(ckpt, engines, work / "repo", "cpu", max_batch_size=1, options=ServingOptions(max_queue_size=1))
     ref = load_model(ckpt)
     ids = ref.tokenize(build_prompt(ref.conv_mode, "Tell me a story.", 0))
     end_id = ref.stop_token_ids()[0]

@@ -11,7 +11,13 @@ import pytest
 from mgm_ref.errors import CheckpointError
 from mgm_runtime.contract import ContractError, read_llm_contract
 from tests.helpers.repo_fixtures import fake_llm_engine, fake_vision
-from triton_models.repo_builder import DEFAULT_IMAGE_CACHE_MB, add_repo_arguments, build_repo, run_repo_build
+from triton_models.repo_builder import (
+    DEFAULT_IMAGE_CACHE_MB,
+    ServingOptions,
+    add_repo_arguments,
+    build_repo,
+    run_repo_build,
+)
 
 
 def configs(repo):
@@ -66,7 +72,7 @@ def test_image_cache_budget_reaches_vision_encoder(tiny_checkpoints, tmp_path):
     texts = configs(run_repo_build(args))
     assert '"image_cache_mb" value: { string_value: "0" }' in texts["vision_encoder"]
     with pytest.raises(ValueError, match="image_cache_mb"):
-        build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu", image_cache_mb=-1)
+        ServingOptions(image_cache_mb=-1)
 
 
 def test_the_offset_mgm_build_llm_records_reaches_preprocessing(tiny_checkpoints, tmp_path):
@@ -170,3 +176,27 @@ def test_a_vision_artifact_for_other_pixel_sizes_is_refused(tiny_checkpoints, tm
     path.write_text(json.dumps(art))
     with pytest.raises(CheckpointError, match=r"images_aux \[3, 512, 512\].*rebuild the vision engine"):
         build_repo(ckpt, tmp_path / "eng", tmp_path / "repo", "cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_no_model_holds_a_lone_request_for_batch_mates_unless_asked(tiny_checkpoints, tmp_path, backend):
+    """A batching delay is paid at every hop of an answer (preprocessing, vision, LLM): it defaults to 0."""
+    ckpt = tiny_checkpoints("llama")
+    eng = tmp_path / "eng"
+    if backend == "cpu":
+        fake_vision(eng, ckpt, "onnxruntime", dtype="float32")
+    else:
+        fake_llm_engine(eng, fake_vision(eng, ckpt, "tensorrt"))
+
+    def delays(options):
+        texts = configs(build_repo(ckpt, eng, tmp_path / "repo", backend, options=options))
+        return {m: re.findall(r"max_queue_delay_microseconds: (\d+)", t) for m, t in texts.items()}
+
+    batched = ["postprocessing", "preprocessing", "tensorrt_llm", "vision_encoder"]
+    got = delays(ServingOptions())
+    assert {m: got[m] for m in batched} == dict.fromkeys(batched, ["0"])
+    got = delays(ServingOptions(max_queue_delay_microseconds=250))
+    assert {m: got[m] for m in batched} == dict.fromkeys(batched, ["250"])
+    assert got["mgm_bls"] == ["0"]  # its async execute takes every request at once
+    with pytest.raises(ValueError, match="max_queue_delay_microseconds"):
+        ServingOptions(max_queue_delay_microseconds=-1)

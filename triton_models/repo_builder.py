@@ -13,6 +13,7 @@ the one it was filled from in `tensorrt_llm/contract.json`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -63,6 +64,34 @@ QUEUE_PER_SLOT = 4
 DEFAULT_IMAGE_CACHE_MB = 512
 EXTRA_IDS_INPUT = "prompt_table_extra_ids"
 DEFAULT_KV_CACHE_MB = 1024  # CPU prefix KV cache: fp32 KV is ~36 KiB/token for MGM-2B, ~1 MiB/token for 7B
+# Triton's dynamic batcher holds a lone request this long for batch-mates. 0: a request runs as soon as
+# its model is free, and requests that queued meanwhile still run together. Every model here batches
+# in flight or is cheap per request, so a wait costs latency at every hop (4 hops per streamed answer).
+DEFAULT_MAX_QUEUE_DELAY_US = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingOptions:
+    """The repository's serving knobs, beside the engine limits of the contract."""
+
+    instances: int = 1  # preprocessing / postprocessing instances
+    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB
+    kv_cache_reuse: bool = True
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB
+    max_queue_size: int | None = None  # cpu: None = QUEUE_PER_SLOT x max_batch_size
+    max_queue_delay_microseconds: int = DEFAULT_MAX_QUEUE_DELAY_US
+
+    def __post_init__(self):
+        for name, low in (
+            ("instances", 1),
+            ("image_cache_mb", 0),
+            ("kv_cache_mb", 0),
+            ("max_queue_delay_microseconds", 0),
+        ):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if self.max_queue_size is not None and self.max_queue_size < 1:
+            raise ValueError(f"--max_queue_size must be >= 1, got {self.max_queue_size}")
 
 
 def vision_contract(engine_dir: Path, backend: str, config: MGMConfig) -> VisionContract:
@@ -153,40 +182,36 @@ def template_values(
     model_dir: Path,
     engine_dir: Path,
     contract: LLMContract,
-    instances: int,
-    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
+    options: ServingOptions,
     llm_takes_extra_ids: bool = False,
-    kv_cache_reuse: bool = True,
-    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
-    max_queue_size: int | None = None,
 ) -> dict[str, object]:
-    """Every template value, read from the LLM contract (never recomputed here); the vision artifact's
-    shapes are checked against the checkpoint by `vision_contract`."""
-    if image_cache_mb < 0:
-        raise ValueError(f"--image_cache_mb must be >= 0 (0 turns the cache off), got {image_cache_mb}")
+    """Every template value, read from the LLM contract (never recomputed here) and the serving options;
+    the vision artifact's shapes are checked against the checkpoint by `vision_contract`."""
+    cache_mb = options.image_cache_mb
     values = {
         "triton_max_batch_size": contract.max_batch_size,
-        "max_queue_delay_microseconds": 1000,
+        "max_queue_delay_microseconds": options.max_queue_delay_microseconds,
         "model_dir": model_dir.resolve(),
         "hidden_size": contract.hidden_size,
         "max_input_len": contract.max_input_len,
         "max_seq_len": contract.max_seq_len,
         "max_images_per_request": contract.max_images_per_request,
-        "preprocessing_instances": instances,
-        "postprocessing_instances": instances,
+        "preprocessing_instances": options.instances,
+        "postprocessing_instances": options.instances,
         "vision_dir": (engine_dir / "vision").resolve(),
         "vision_threads": os.cpu_count() or 1,
         "vision_instances": 1,
         "prompt_table_type": contract.prompt_table_type,
         "vocab_offset": contract.vocab_offset,
-        "image_cache_mb": int(image_cache_mb) if float(image_cache_mb).is_integer() else image_cache_mb,
+        "image_cache_mb": int(cache_mb) if float(cache_mb).is_integer() else cache_mb,
         **extra_ids_values(llm_takes_extra_ids),
-        "kv_cache_reuse": "true" if kv_cache_reuse else "false",
+        "kv_cache_reuse": "true" if options.kv_cache_reuse else "false",
     }
     if contract.runtime == "pytorch":
         values.update(max_active_requests=contract.max_batch_size, llm_threads=os.cpu_count() or 1)
         values.update(
-            kv_cache_mb=kv_cache_mb, max_queue_size=max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size
+            kv_cache_mb=options.kv_cache_mb,
+            max_queue_size=options.max_queue_size or QUEUE_PER_SLOT * contract.max_batch_size,
         )
     else:
         values.update(llm_engine_dir=(engine_dir / "llm" / "engine").resolve(), tokenizer_dir=model_dir.resolve())
@@ -199,37 +224,23 @@ def build_repo(
     output_dir,
     backend: str = "cpu",
     max_batch_size: int | None = None,
-    instances: int = 1,
     max_input_len: int | None = None,
     max_seq_len: int | None = None,
     max_images_per_request: int | None = None,
     name: str | None = None,
-    image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB,
-    kv_cache_reuse: bool = True,
-    kv_cache_mb: int = DEFAULT_KV_CACHE_MB,
-    max_queue_size: int | None = None,
+    options: ServingOptions = ServingOptions(),
 ) -> Path:
-    if kv_cache_mb < 0:
-        raise ValueError(f"--kv_cache_mb must be >= 0, got {kv_cache_mb}")
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
 
+        limits = dict(
+            max_batch_size=max_batch_size,
+            max_input_len=max_input_len,
+            max_seq_len=max_seq_len,
+            max_images_per_request=max_images_per_request,
+        )
         return add_named_variant(
-            lambda tmp: build_repo(
-                model_dir,
-                engine_dir,
-                tmp,
-                backend,
-                max_batch_size,
-                instances,
-                max_input_len,
-                max_seq_len,
-                max_images_per_request,
-                image_cache_mb=image_cache_mb,
-                kv_cache_reuse=kv_cache_reuse,
-                kv_cache_mb=kv_cache_mb,
-                max_queue_size=max_queue_size,
-            ),
+            lambda tmp: build_repo(model_dir, engine_dir, tmp, backend, **limits, options=options),
             Path(output_dir),
             name,
         )
@@ -251,20 +262,8 @@ def build_repo(
     # Both backends fill from the contract file as written into the repository: one code path.
     write_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE, contract)
     contract = read_llm_contract(out / "tensorrt_llm" / CONTRACT_FILE)
-    if max_queue_size is not None and max_queue_size < 1:
-        raise ValueError(f"--max_queue_size must be >= 1, got {max_queue_size}")
     takes_extra_ids = llm_declares(texts["tensorrt_llm"], EXTRA_IDS_INPUT)
-    values = template_values(
-        model_dir,
-        engine_dir,
-        contract,
-        instances,
-        image_cache_mb,
-        takes_extra_ids,
-        kv_cache_reuse,
-        kv_cache_mb,
-        max_queue_size,
-    )
+    values = template_values(model_dir, engine_dir, contract, options, takes_extra_ids)
     unused = unused_values(values, texts.values())
     if unused:
         raise ValueError(f"template values {unused} are used by no {backend} template")
@@ -324,6 +323,13 @@ def add_repo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         f"(default {QUEUE_PER_SLOT} x max_batch_size)",
     )
     parser.add_argument(
+        "--max_queue_delay_microseconds",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_DELAY_US,
+        help="how long Triton's dynamic batcher holds a lone request for batch-mates "
+        f"(every model but mgm_bls; default {DEFAULT_MAX_QUEUE_DELAY_US})",
+    )
+    parser.add_argument(
         "--name",
         default=None,
         help="add this checkpoint to the repository as a variant of that "
@@ -341,21 +347,25 @@ def register_command(subparsers) -> None:
 
 
 def run_repo_build(args: argparse.Namespace) -> Path:
+    options = ServingOptions(
+        instances=args.instances,
+        image_cache_mb=args.image_cache_mb,
+        kv_cache_reuse=args.kv_cache_reuse == "on",
+        kv_cache_mb=args.kv_cache_mb,
+        max_queue_size=args.max_queue_size,
+        max_queue_delay_microseconds=args.max_queue_delay_microseconds,
+    )
     out = build_repo(
         args.model_dir,
         args.engine_dir,
         args.output_dir,
         args.backend,
-        args.max_batch_size,
-        args.instances,
-        args.max_input_len,
-        args.max_seq_len,
-        args.max_images_per_request,
-        getattr(args, "name", None),
-        image_cache_mb=getattr(args, "image_cache_mb", DEFAULT_IMAGE_CACHE_MB),
-        kv_cache_reuse=getattr(args, "kv_cache_reuse", "on") == "on",
-        kv_cache_mb=getattr(args, "kv_cache_mb", DEFAULT_KV_CACHE_MB),
-        max_queue_size=getattr(args, "max_queue_size", None),
+        max_batch_size=args.max_batch_size,
+        max_input_len=args.max_input_len,
+        max_seq_len=args.max_seq_len,
+        max_images_per_request=args.max_images_per_request,
+        name=args.name,
+        options=options,
     )
     print(f"wrote {args.backend} model repository to {out}")
     return out

@@ -175,14 +175,15 @@ def table(results: dict, vision_size: str, load: tuple[float, float, float]) -> 
 
 def build_two_variant_repo(work: Path, vision_size: str, llm: str) -> Path:
     """A checkpoint, its vision artifact, and one repository holding it as `cached` and `uncached`."""
-    from triton_models.repo_builder import build_repo
+    from triton_models.repo_builder import ServingOptions, build_repo
 
     t = time.perf_counter()
     ckpt = tiny_checkpoint_with_vision(work, llm, "real" if vision_size == "7b" else "tiny")
     log(f"wrote the checkpoint and built its {vision_size} vision artifact in {time.perf_counter() - t:.0f} s")
     repo = work / "repo"
     build_repo(ckpt, work / "engines", repo, backend="cpu", name="cached")
-    build_repo(ckpt, work / "engines", repo, backend="cpu", name="uncached", image_cache_mb=0, kv_cache_reuse=False)
+    off = ServingOptions(image_cache_mb=0, kv_cache_reuse=False)
+    build_repo(ckpt, work / "engines", repo, backend="cpu", name="uncached", options=off)
     return repo
 
 
