@@ -8,6 +8,7 @@ Over 400 lines: the launcher's tests share one toy repository and its server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mgm_ref.constants import MAX_HTTP_REQUEST_BYTES
 from triton_models.fill_template import fill_template, parse_substitutions
 from triton_models.fill_template import main as fill_template_main
 from triton_models.launcher import argv, install, process
@@ -459,6 +461,11 @@ def test_server_dies_with_a_killed_launcher(tmp_path):
 # - no flag bounds a request body: `--http-max-input-size` first appears in v2.59.0 (commit af8bb9302),
 #   and gRPC's limit is src/common.h MAX_GRPC_MESSAGE_SIZE = INT32_MAX, set by
 #   builder_.SetMaxMessageSize in src/grpc/grpc_server.cc.
+# Read at tag v2.69.0 (commit 34ca83e780bff7829b33d922fa9d16a0628e050c), the newest tag stored:
+# - src/command_line_parser.cc: `--http-max-input-size` (Option::ArgInt) is the "Maximum allowed HTTP
+#   request input size in bytes", also bounding a compressed request's decompressed size; values <= 0
+#   are refused. src/common.h: HTTP_DEFAULT_MAX_INPUT_SIZE = 1 << 26 (64 MiB).
+# - gRPC still has no request-size flag: MAX_GRPC_MESSAGE_SIZE = INT32_MAX (src/common.h).
 TRITON_SERVER_COMMIT = "e0f0734d61c789535ac58c22b79d67eabc5d7477"
 TRITON_RESTRICTED_GROUPS = (
     "health",
@@ -499,8 +506,17 @@ def test_installed_tritonserver_flags_match_the_recorded_source():
     assert "--grpc-restricted-api" not in text  # the gRPC flag has another name
     for group in TRITON_RESTRICTED_GROUPS:
         assert group in text
-    # When a newer server grows a body limit, the launcher must set it (README "Limits").
-    assert "max-input-size" not in text, "this tritonserver can bound HTTP bodies: pass --http-max-input-size"
+    assert server.flags and "--http-restricted-api" in server.flags  # what the launcher reads
+    # 2.51 has no body limit; where a server lists one, the launcher sets it (next test)
+    assert ("--http-max-input-size" in server.flags) == ("--http-max-input-size" in text)
+
+
+def test_the_http_body_limit_is_set_where_the_server_has_the_flag(tmp_path):
+    opts = argv.ServerOptions(model_repo=Path("/repo"))
+    old = fake_install(tmp_path)
+    assert not [a for a in argv.tritonserver_args(old, opts) if "max-input-size" in a]
+    new = dataclasses.replace(old, flags=frozenset({"--http-max-input-size", "--http-restricted-api"}))
+    assert f"--http-max-input-size={MAX_HTTP_REQUEST_BYTES}" in argv.tritonserver_args(new, opts)
 
 
 @pytest.mark.server

@@ -8,6 +8,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from mgm_ref.constants import MAX_HTTP_REQUEST_BYTES
 from triton_models.launcher.errors import ServerError
 from triton_models.launcher.install import ServerInstall
 
@@ -94,6 +95,8 @@ def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int 
         f"--backend-config=python,shm-region-prefix-name={_shm_prefix(options, rank)}",
         *restriction_args(options),
     ]
+    if "--http-max-input-size" in install.flags:  # Triton >= 2.59: HTTP bodies over it are refused unread
+        args.append(f"--http-max-input-size={MAX_HTTP_REQUEST_BYTES}")
     if install.backend_dir is not None:
         args.append(f"--backend-directory={install.backend_dir}")
     if install.cache_dir is not None:

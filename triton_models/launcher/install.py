@@ -7,10 +7,13 @@ LD_LIBRARY_PATH, which `wheel_server()` prepares once per cache directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -29,6 +32,7 @@ class ServerInstall:
     backend_dir: Path | None = None  # None: the server's built-in default (/opt/tritonserver/...)
     cache_dir: Path | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)  # overrides for os.environ
+    flags: frozenset[str] = frozenset()  # the `--options` its --help lists (newer servers grow some)
 
 
 def cache_root() -> Path:
@@ -133,9 +137,23 @@ def wheel_server(home: Path | None = None) -> ServerInstall:
     )
 
 
+@functools.cache
+def _listed_flags(binary: Path, env: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    try:
+        out = subprocess.run(
+            [str(binary), "--help"], env={**os.environ, **dict(env)}, capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ServerError(f"cannot run {binary} --help: {exc}") from exc
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]+", out.stdout + out.stderr))
+
+
+def with_flags(server: ServerInstall) -> ServerInstall:
+    """`server` with the options its --help lists (read once per binary)."""
+    return dataclasses.replace(server, flags=_listed_flags(server.binary, tuple(sorted(server.env.items()))))
+
+
 def find_server() -> ServerInstall:
     """`tritonserver` from PATH (NGC image), else the nvidia-pytriton wheel's server."""
     on_path = shutil.which("tritonserver")
-    if on_path:
-        return ServerInstall(binary=Path(on_path))
-    return wheel_server()
+    return with_flags(ServerInstall(binary=Path(on_path)) if on_path else wheel_server())
