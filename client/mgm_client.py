@@ -13,6 +13,7 @@ decoupled, so gRPC uses the streaming RPC even for one answer and HTTP uses the 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import time
 import urllib.error
@@ -25,6 +26,7 @@ import numpy as np
 
 from mgm_ref.constants import MAX_HTTP_REQUEST_BYTES, MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, MAX_TEXT_BYTES
 from mgm_ref.errors import MGMError
+from triton_models.launcher.argv import INFERENCE_HEADER, INFERENCE_KEY_ENV
 
 
 class ClientError(MGMError, RuntimeError):
@@ -114,12 +116,22 @@ class RequestSpec:
 
 
 class MGMClient:
+    """`http_inference_key` (default: $MGM_HTTP_INFERENCE_KEY) is sent with HTTP requests to a server
+    started with `mgm-serve --restrict_http_inference`."""
+
     def __init__(
-        self, url: str = "localhost:8001", protocol: str = "grpc", model: str = "mgm_bls", timeout_s: float = 600.0
+        self,
+        url: str = "localhost:8001",
+        protocol: str = "grpc",
+        model: str = "mgm_bls",
+        timeout_s: float = 600.0,
+        http_inference_key: str | None = None,
     ):
         if protocol not in ("grpc", "http"):
             raise ClientError(f"protocol must be grpc or http, got {protocol!r}")
         self.url, self.protocol, self.model, self.timeout_s = url, protocol, model, timeout_s
+        key = http_inference_key or os.environ.get(INFERENCE_KEY_ENV)
+        self.http_headers = {INFERENCE_HEADER: key} if key else {}
 
     # ---- health -------------------------------------------------------------------------------
     def wait_ready(self, timeout_s: float = 10.0) -> None:
@@ -254,7 +266,7 @@ class MGMClient:
         req = urllib.request.Request(
             f"http://{self.url}/v2/models/{self.model}/{endpoint}",
             data=data,
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.http_headers},
         )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:

@@ -492,6 +492,9 @@ def test_admin_restriction_args_use_triton_2_51_syntax(tmp_path):
     )
     assert not [a for a in opened if "restricted" in a]
     assert argv.ServerOptions(Path("/r")).admin_key != argv.ServerOptions(Path("/r")).admin_key  # per launch
+    keyed = argv.tritonserver_args(fake_install(tmp_path), argv.ServerOptions(Path("/r"), http_inference_key="k"))
+    assert "--http-restricted-api=inference:mgm-inference-key=k" in keyed
+    assert not [a for a in keyed if a.startswith("--grpc-restricted-protocol=inference")]
 
 
 @pytest.mark.server
@@ -554,14 +557,57 @@ def test_admin_apis_need_the_key_while_inference_and_health_stay_open(toy_server
     client.close()
 
 
-@pytest.mark.server
-def test_cross_origin_text_plain_post_reaches_generate(toy_server):
-    """A known gap, pinned: Triton 2.51 checks neither Origin nor Content-Type, so a web page can POST
-    to a loopback server (README "Admin surface"); restricting `inference` by header would close it."""
+def cross_origin_post(http_url: str, headers: dict | None = None) -> int:
+    """The status a web page's simple (preflight-free) POST to `generate` gets."""
+    import urllib.error
+
     request = urllib.request.Request(
-        f"http://{toy_server.http_url}/v2/models/stream3/generate",
+        f"http://{http_url}/v2/models/stream3/generate",
         data=json.dumps({"IN": 1}).encode(),
-        headers={"Content-Type": "text/plain", "Origin": "http://evil.example"},
+        headers={"Content-Type": "text/plain", "Origin": "http://evil.example", **(headers or {})},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.server
+def test_cross_origin_text_plain_post_reaches_generate_by_default(toy_server):
+    """Triton 2.51 checks neither Origin nor Content-Type: open by default (README "Admin surface")."""
+    assert cross_origin_post(toy_server.http_url) == 200
+
+
+@pytest.mark.server
+def test_a_keyed_http_inference_api_refuses_what_a_browser_can_send(tmp_path):
+    """With an HTTP inference key (mgm-serve --restrict_http_inference) the same POST is refused; the
+    header a browser cannot send cross-origin opens it; gRPC, health and metadata stay open."""
+    require_server()
+    write_model(tmp_path, "add_one", ADD_ONE_CONFIG, ADD_ONE_MODEL)
+    write_model(tmp_path, "stream3", STREAM3_CONFIG, STREAM3_MODEL)
+    with process.TritonServer(tmp_path, http_inference_key="s3cret") as server:
+        assert cross_origin_post(server.http_url) == 403
+        assert cross_origin_post(server.http_url, {argv.INFERENCE_HEADER: "wrong"}) == 403
+        assert cross_origin_post(server.http_url, {argv.INFERENCE_HEADER: "s3cret"}) == 200
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/add_one", timeout=10) as r:
+            assert r.status == 200
+        grpcclient = pytest.importorskip("tritonclient.grpc")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        x = np.zeros((1, 3), np.float32)
+        inp = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer("add_one", [inp]).as_numpy("OUTPUT0"), x + 1)
+        client.close()
+
+
+def test_mgm_client_sends_the_http_inference_key(monkeypatch):
+    from client.mgm_client import MGMClient
+
+    monkeypatch.delenv(argv.INFERENCE_KEY_ENV, raising=False)
+    assert MGMClient("h:1", "http").http_headers == {}
+    monkeypatch.setenv(argv.INFERENCE_KEY_ENV, "from-env")
+    assert MGMClient("h:1", "http").http_headers == {argv.INFERENCE_HEADER: "from-env"}
+    assert MGMClient("h:1", "http", http_inference_key="given").http_headers == {argv.INFERENCE_HEADER: "given"}

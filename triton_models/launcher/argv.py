@@ -27,6 +27,11 @@ ADMIN_HEADER = "mgm-admin-key"
 GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"
 # How a child (the OpenAI sidecar) gets the key: in its environment, not on a command line others can read
 ADMIN_KEY_ENV = "MGM_TRITON_ADMIN_KEY"
+# Optional key for HTTP inference (mgm-serve --restrict_http_inference). Triton checks neither Origin
+# nor Content-Type, so any web page can POST text/plain to a loopback `generate`; a request with a
+# custom header needs a CORS preflight, which Triton never grants, so browsers cannot send this one.
+INFERENCE_HEADER = "mgm-inference-key"
+INFERENCE_KEY_ENV = "MGM_HTTP_INFERENCE_KEY"  # where mgm-serve and MGMClient read the key
 
 
 @dataclasses.dataclass
@@ -46,6 +51,7 @@ class ServerOptions:
     # Restricted to holders of `admin_key`; () leaves every API open (mgm-serve --allow_admin_api).
     restricted_apis: tuple[str, ...] = ADMIN_APIS
     admin_key: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))
+    http_inference_key: str | None = None  # None: HTTP inference is open (gRPC always is)
     # Explicit model control (all models loaded at start) lets the launcher unload the entry models
     # first when it stops the server (drain.py); Triton refuses repository loads/unloads otherwise.
     explicit_model_control: bool = True
@@ -70,12 +76,16 @@ def explicit_control(options: ServerOptions) -> bool:
 
 
 def restriction_args(options: ServerOptions) -> list[str]:
-    """`--http-restricted-api` / `--grpc-restricted-protocol` for the admin groups (2.51 syntax:
-    `<api>,<api>,...:<header>=<value>`; there is no `--grpc-restricted-api`)."""
-    if not options.restricted_apis:
-        return []
-    group = f"{','.join(options.restricted_apis)}:{ADMIN_HEADER}={options.admin_key}"
-    return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+    """`--http-restricted-api` / `--grpc-restricted-protocol` for the admin groups, and HTTP inference
+    when it has a key (2.51 syntax: `<api>,<api>,...:<header>=<value>`, one flag per group; there is
+    no `--grpc-restricted-api`)."""
+    args = []
+    if options.restricted_apis:
+        group = f"{','.join(options.restricted_apis)}:{ADMIN_HEADER}={options.admin_key}"
+        args += [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+    if options.http_inference_key:
+        args.append(f"--http-restricted-api=inference:{INFERENCE_HEADER}={options.http_inference_key}")
+    return args
 
 
 def tritonserver_args(install: ServerInstall, options: ServerOptions, rank: int = 0) -> list[str]:

@@ -6,6 +6,7 @@ mgm-serve --model_repo triton_models/repo --http_port 8000
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from triton_models import variants
+from triton_models.launcher.argv import INFERENCE_HEADER, INFERENCE_KEY_ENV
 from triton_models.launcher.errors import ServerError
 from triton_models.launcher.process import TritonServer
 from triton_models.launcher.supervise import Stub
@@ -43,6 +45,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         action="store_true",
         help="leave Triton's shared-memory, model-repository, logging, trace and model-config APIs open "
         "to every client (by default they need a per-launch key only mgm-serve holds)",
+    )
+    parser.add_argument(
+        "--restrict_http_inference",
+        action="store_true",
+        help=f"HTTP inference needs the header `{INFERENCE_HEADER}: ${INFERENCE_KEY_ENV}` (the key is read from "
+        "that environment variable); browsers cannot send it cross-origin, so web pages cannot make the "
+        "server work. gRPC stays open",
     )
     parser.add_argument(
         "--drain_timeout",
@@ -91,6 +100,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mgm-serve", description="Run Triton on a model repository.")
     variants.add_openai_arguments(add_server_arguments(parser))
     args = parser.parse_args(argv)
+    inference_key = os.environ.get(INFERENCE_KEY_ENV) if args.restrict_http_inference else None
+    if args.restrict_http_inference and not inference_key:
+        parser.error(f"--restrict_http_inference reads the key from ${INFERENCE_KEY_ENV}, which is not set")
     server = TritonServer(
         args.model_repo,
         args.http_port,
@@ -102,6 +114,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         echo=True,
         extra_args=variants.tolerant_server_args(args.model_repo),
         allow_admin_api=args.allow_admin_api,
+        http_inference_key=inference_key,
     )
     stop_requested, serving = threading.Event(), threading.Event()
     received = _forward_signals(server, stop_requested, serving)

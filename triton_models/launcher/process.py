@@ -116,6 +116,7 @@ class TritonServer:
         die_with_parent: bool = True,
         install: ServerInstall | None = None,
         allow_admin_api: bool = False,
+        http_inference_key: str | None = None,
     ):
         self.model_repo = Path(model_repo).resolve()
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -128,6 +129,7 @@ class TritonServer:
         self.die_with_parent = die_with_parent and sys.platform == "linux"
         self._install = install
         self.allow_admin_api = allow_admin_api
+        self.http_inference_key = http_inference_key
         self.shm_removed = 0  # regions left behind by the last run, removed by stop()
         self.options: ServerOptions | None = None
         self._proc = None
@@ -245,6 +247,7 @@ class TritonServer:
             host=self.host,
             log_verbose=self.log_verbose,
             extra_args=self.extra_args,
+            http_inference_key=self.http_inference_key,
         )
         if self.allow_admin_api:
             self.options.restricted_apis = ()
