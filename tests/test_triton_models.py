@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -340,15 +341,21 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
             ]
         )
 
+    stopped, read_to_end = set(), []
+
     def llm(inputs):
         if "stop" in inputs:
+            stopped.add(inputs["request_id"])
             yield tb.InferenceResponse([])
             return
         assert inputs["streaming"].item() and inputs["request_output_len"].item() == 20
         for i in answer_ids:
+            if inputs["request_id"] in stopped:  # as the engine: a stopped generation ends at its next step
+                break
             reads.append(i)
             yield tb.InferenceResponse([tb.Tensor("output_ids", np.array([[[i]]], np.int32))])
         yield tb.InferenceResponse([])
+        read_to_end.append(inputs["request_id"])  # reached only when asked for past the final response
 
     def llm_call(inputs):
         if "stop" in inputs:  # a stop request is answered at once, as by the real model
@@ -370,6 +377,9 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
             for stream in (True, False)
         ]
         asyncio.run(model.execute(reqs))
+        deadline = time.monotonic() + 10
+        while len(read_to_end) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         model.finalize()
     from collections import Counter
@@ -391,6 +401,8 @@ def test_bls_chains_the_models_and_streams_the_answer(stub, llama_dir):
     assert len(whole) == 1 and whole[0].output("text_output")[0, 0].decode() == "Blue sky."
     assert all(r.sender.finished for r in reqs)
     assert len(reads) < 2 * len(answer_ids)  # reading stopped at the stop string both times
+    # and each stopped stream was still read to its end: the python backend frees it only then
+    assert sorted(read_to_end) == sorted(generations)
     assert model.waiters._shutdown
 
 

@@ -123,8 +123,9 @@ class InferenceRequest:
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
 
     def _call(self):
-        bls_calls.append((self.model_name, {**self.inputs, "request_id": self.request_id}))
-        return downstream[self.model_name](self.inputs)
+        inputs = {**self.inputs, "request_id": self.request_id}
+        bls_calls.append((self.model_name, inputs))
+        return downstream[self.model_name](inputs)
 
     def exec(self, decoupled: bool = False):
         out = self._call()

@@ -64,7 +64,10 @@ class StreamedTokens:
 
     The response iterator blocks, so it is read in `waiters`. This python backend cannot cancel a BLS
     stream, so `close()` before the end sends TensorRT-LLM's `stop` request (same request id) to end
-    the generation and free its slot, then stops reading.
+    the generation and free its slot. The stream is still read to its final response, in a waiter:
+    the stub frees a BLS stream's state only then, and an iterator dropped unfinished stays in the
+    stub, its destructor reading (and blocking) wherever its last reference goes, which at stub
+    shutdown is a thread without the GIL.
     """
 
     def __init__(
@@ -91,8 +94,8 @@ class StreamedTokens:
                 return tokens.as_numpy().reshape(-1).tolist()
 
     async def close(self) -> None:
-        self.responses = iter(())
         if self.finished:
+            self.responses = iter(())
             return
         self.finished = True
         pb_utils = pb()
@@ -114,3 +117,14 @@ class StreamedTokens:
                     )
         except Exception as e:  # noqa: BLE001 - e.g. a model without the `stop` input; logged, not raised
             log.warning("stopping %s request %r failed: %s", self.model, self.request_id, e)
+        # the generation ends within a step of the stop (or at its max_tokens without one)
+        self.waiters.submit(_read_to_end, self.responses, self.model, self.request_id)
+        self.responses = iter(())
+
+
+def _read_to_end(responses, model: str, request_id: str) -> None:
+    try:
+        for _ in responses:
+            pass
+    except Exception as e:  # noqa: BLE001 - nothing waits for these responses any more
+        log.warning("reading the rest of %s request %r failed: %s", model, request_id, e)
