@@ -145,7 +145,10 @@ def _dynamic_shapes(input_names, dynamic_axes):
 def _finalize(raw_path: Path, onnx_path: Path, big: bool) -> None:
     import onnx
 
+    from build_engines.onnx_passes import reorder_exact_gelu
+
     model = onnx.load(str(raw_path), load_external_data=True)
+    reorder_exact_gelu(model.graph)
     data_name = onnx_path.name + ".data"
     for stale in (onnx_path, onnx_path.with_name(data_name)):
         if stale.exists():

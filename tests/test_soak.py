@@ -79,7 +79,7 @@ def direct_llm_tokens(url: str, ids: list[int], end_id: int, max_tokens: int) ->
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return out
     finally:
-        client.stop_stream()
+        client.stop_stream(cancel_requests=True)  # without: a stream the server never ends blocks here
         client.close()
 
 
@@ -101,6 +101,9 @@ def test_soak_mixed_clients_get_solo_answers(served_llama):
     prompt_ids = ref.tokenize(build_prompt(ref.conv_mode, TEXT_PROMPT, 0))
     end_id = ref.stop_token_ids()[0]
     expected_ids = ref.generate([prompt_ids], None, GenerationParams(max_new_tokens=MAX_TOKENS, temperature=0))[0]
+    from triton_models.launcher.supervise import live_stubs
+
+    stubs_before = {s.instance for s in live_stubs(served.server.pid).values()}
     deadline = time.monotonic() + SOAK_S
     done: Counter = Counter()
     errors: list[str] = []
@@ -142,6 +145,8 @@ def test_soak_mixed_clients_get_solo_answers(served_llama):
         f"soak: {total} answers in {SOAK_S:.0f} s by {CLIENTS} clients, {len(errors)} errors, "
         f"{len(mismatches)} mismatches; per path {dict(done)}; first mismatches {mismatches[:2]}"
     )
+    stubs_after = {s.instance for s in live_stubs(served.server.pid).values()}
+    assert stubs_after == stubs_before, f"python-backend stubs died: {sorted(stubs_before - stubs_after)}"
     assert not errors, f"{len(errors)} of {total + len(errors)} requests failed, first: {errors[:3]}"
     assert not mismatches, mismatches[:3]
     assert set(done) == set(PATHS), f"paths never exercised: {set(PATHS) - set(done)}"
