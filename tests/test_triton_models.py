@@ -449,3 +449,22 @@ def test_bls_answer_survives_a_model_without_the_stop_input(stub, llama_dir):
     assert flags == tb.FINAL and not response.has_error()
     assert not any("prompt_table_extra_ids" in i for m, i in tb.bls_calls if m == "tensorrt_llm")
     assert response.output("text_output")[0, 0].decode() == "Red."
+
+
+# ---- teardown ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vision_encoder", "tensorrt_llm_cpu", "mgm_bls"])
+def test_finalize_releases_every_metric_family(stub, llama_dir, monkeypatch, name):
+    """A family alive when the stub itself is torn down is cleared through freed shared memory: the
+    stub segfaulted on every exit. finalize must let go of them, and a late count is a no-op."""
+    import gc
+
+    if name == "vision_encoder":
+        fake_artifact(monkeypatch, MGMConfig.from_model_dir(llama_dir))
+    model = start(name, tb.model_config(name, **values(llama_dir)))
+    assert len(tb.metric_families) > 0
+    model.finalize()
+    if hasattr(model.metrics, "failed"):
+        model.metrics.failed(RuntimeError("late"))  # a request still ending during the unload
+        model.metrics.cancelled()
+    gc.collect()
+    assert dict(tb.metric_families) == {}

@@ -8,6 +8,9 @@ one name, so each model only adds its own `model` label:
 
     mgm_request_failures_total{model="mgm_bls", reason="invalid_input" | "internal"}
     mgm_request_cancellations_total{model="mgm_bls"}
+
+Each model drops its families in `finalize` (`close()`): a family still alive when the stub itself
+is torn down is cleared through shared memory that is already gone, and the stub segfaults on exit.
 """
 
 from __future__ import annotations
@@ -42,13 +45,22 @@ class RequestMetrics:
         self._cancelled = self.cancellations.Metric(labels={"model": model})
 
     def failed(self, exc: BaseException) -> None:
+        if self.failures is None:  # closed: the model is being unloaded
+            return
         reason = failure_reason(exc)
         if reason not in self._failed:
             self._failed[reason] = self.failures.Metric(labels={"model": self.model, "reason": reason})
         self._failed[reason].increment(1)
 
     def cancelled(self) -> None:
-        self._cancelled.increment(1)
+        if self._cancelled is not None:
+            self._cancelled.increment(1)
+
+    def close(self) -> None:
+        """Release the metrics, then their families (a family must outlive its metrics)."""
+        self._failed.clear()
+        self._cancelled = None
+        self.failures = self.cancellations = None
 
 
 class StatsMetrics:
@@ -79,3 +91,8 @@ class StatsMetrics:
             elif value > self.reported[field]:
                 metric.increment(value - self.reported[field])
             self.reported[field] = max(self.reported[field], value)
+
+    def close(self) -> None:
+        """Release the metrics, then their families; later updates are no-ops."""
+        self.metrics.clear()
+        self.families.clear()

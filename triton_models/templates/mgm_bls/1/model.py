@@ -168,3 +168,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.waiters.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()

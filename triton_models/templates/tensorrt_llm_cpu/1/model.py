@@ -207,3 +207,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        self.metrics.close()
+        if self.kv_metrics is not None:
+            self.kv_metrics.close()

@@ -88,3 +88,6 @@ class TritonPythonModel:
 
         table = torch.from_numpy(np.ascontiguousarray(rows, np.float32)).to(torch.bfloat16)
         return pb_utils.Tensor.from_dlpack("OUT_PROMPT_EMBEDDING_TABLE", torch.utils.dlpack.to_dlpack(table))
+
+    def finalize(self):
+        self.metrics.close()
