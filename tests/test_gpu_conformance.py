@@ -267,6 +267,18 @@ def test_bls_asks_tensorrt_llm_for_every_output_it_must(gpu_repo, fake_pb):
         )
 
 
+def test_bls_stops_a_generation_through_the_backend_stop_input(gpu_repo):
+    """The BLS ends an early-stopped answer with a `stop` request under the generation's id, then reads
+    the generation's stream to its final response; the backend ends that stream on a stop."""
+    import inspect
+
+    from triton_models.lib.bls import StreamedTokens
+
+    inputs = {i.name: dtype(i.data_type) for i in parse(gpu_repo()[0] / "tensorrt_llm" / "config.pbtxt").input}
+    assert inputs.get(F.STOP_INPUT) == "TYPE_BOOL", f"no `stop` input for {F.STOP_HANDLING}"
+    assert f'Tensor("{F.STOP_INPUT}"' in inspect.getsource(StreamedTokens.close)
+
+
 # ---- build_engine.sh ----------------------------------------------------------------------------------
 def script_flags(script: Path) -> dict[str, str | None]:
     body = script.read_text().split("\n", 5)[-1].replace("\\\n", " ")

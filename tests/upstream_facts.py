@@ -388,3 +388,14 @@ REUSE_REQUIRED_BUILD_FLAGS = {
 }
 # build.py: --gather_all_token_logits sets gather_context_logits (context logits: reuse off)
 REUSE_FORBIDDEN_BUILD_FLAGS = ("--gather_context_logits", "--gather_all_token_logits")
+
+# ---- stopping a generation -------------------------------------------------------------------------
+# model_instance_state.cc (a stored copy of the 1.x backend): handleStopRequest reads the `stop` input,
+# and for the Triton request id it names calls mExecutor->cancelRequest on each of its executor
+# requests, answering the stop request itself with one empty final response. The generation's own
+# stream ends in WaitForResponse, which sends TRITONSERVER_RESPONSE_COMPLETE_FINAL when the executor's
+# response for it is final (for a cancelled request, the executor's cancellation response; that part
+# is executor behaviour, not read here). mgm_bls relies on both: it sends `stop` under the
+# generation's request id and then reads that stream to its final response (lib/bls.py).
+STOP_HANDLING = MODEL_INSTANCE_STATE
+STOP_INPUT = "stop"
