@@ -118,7 +118,10 @@ class StreamedTokens:
         except Exception as e:  # noqa: BLE001 - e.g. a model without the `stop` input; logged, not raised
             log.warning("stopping %s request %r failed: %s", self.model, self.request_id, e)
         # the generation ends within a step of the stop (or at its max_tokens without one)
-        self.waiters.submit(_read_to_end, self.responses, self.model, self.request_id)
+        try:
+            self.waiters.submit(_read_to_end, self.responses, self.model, self.request_id)
+        except RuntimeError:  # the model is being unloaded (its waiters are shut down)
+            pass
         self.responses = iter(())
 
 
