@@ -212,12 +212,12 @@ def test_llm_model_counts_failures_and_cancellations(stub, llama_dir):
         running.cancelled = True
         await asyncio.wait_for(task, 30)
 
-    try:
+    try:  # read before finalize, which releases the families
         asyncio.run(run())
+        assert counter("mgm_request_failures_total", model="tensorrt_llm", reason="invalid_input") == 1
+        assert counter("mgm_request_cancellations_total", model="tensorrt_llm") == 1
     finally:
         model.finalize()
-    assert counter("mgm_request_failures_total", model="tensorrt_llm", reason="invalid_input") == 1
-    assert counter("mgm_request_cancellations_total", model="tensorrt_llm") == 1
 
 
 def test_bls_counts_failures_by_reason_and_cancellations(stub, llama_dir):
@@ -231,17 +231,17 @@ def test_bls_counts_failures_by_reason_and_cancellations(stub, llama_dir):
     reqs = [tb.Request({"text_input": text(q), "max_tokens": np.array([[4]], np.int32)}) for q in (" ", "crash")]
     gone = tb.Request({"text_input": text("Hi"), "max_tokens": np.array([[4]], np.int32)})
     gone.cancelled = True
-    try:
+    try:  # read before finalize, which releases the families
         asyncio.run(model.execute([*reqs, gone]))
+        assert counter("mgm_request_failures_total", model="mgm_bls", reason="invalid_input") == 1
+        assert counter("mgm_request_failures_total", model="mgm_bls", reason="internal") == 1
+        assert counter("mgm_request_cancellations_total", model="mgm_bls") == 1
+        assert json.dumps(tb.metric_families["mgm_request_failures_total"].description)
     finally:
         model.finalize()
-    assert counter("mgm_request_failures_total", model="mgm_bls", reason="invalid_input") == 1
-    assert counter("mgm_request_failures_total", model="mgm_bls", reason="internal") == 1
-    assert counter("mgm_request_cancellations_total", model="mgm_bls") == 1
     assert reqs[0].sender.sent[-1][0].error().message() == "the prompt is empty"
     internal = reqs[1].sender.sent[-1][0].error().message()
     assert "internal error" in internal and not REPR.search(internal) and "boom" not in internal
-    assert json.dumps(tb.metric_families["mgm_request_failures_total"].description)
 
 
 def test_vision_encoder_bad_tensors_fail_only_their_request(stub, llama_dir, monkeypatch):
