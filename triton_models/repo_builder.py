@@ -230,15 +230,15 @@ def build_repo(
     name: str | None = None,
     options: ServingOptions = ServingOptions(),
 ) -> Path:
+    limits = dict(
+        max_batch_size=max_batch_size,
+        max_input_len=max_input_len,
+        max_seq_len=max_seq_len,
+        max_images_per_request=max_images_per_request,
+    )
     if name:  # a named variant joins the repository (its models prefixed) instead of replacing it
         from triton_models.variants import add_named_variant
 
-        limits = dict(
-            max_batch_size=max_batch_size,
-            max_input_len=max_input_len,
-            max_seq_len=max_seq_len,
-            max_images_per_request=max_images_per_request,
-        )
         return add_named_variant(
             lambda tmp: build_repo(model_dir, engine_dir, tmp, backend, **limits, options=options),
             Path(output_dir),
@@ -249,12 +249,6 @@ def build_repo(
     model_dir, engine_dir, out = Path(model_dir), Path(engine_dir), Path(output_dir)
     config = MGMConfig.from_model_dir(model_dir)
     vision_contract(engine_dir, backend, config)
-    limits = dict(
-        max_batch_size=max_batch_size,
-        max_input_len=max_input_len,
-        max_seq_len=max_seq_len,
-        max_images_per_request=max_images_per_request,
-    )
     contract = cpu_contract(config, **limits) if backend == "cpu" else gpu_contract(engine_dir, config, **limits)
     texts = {name: (TEMPLATES / template / "config.pbtxt").read_text() for name, template in MODELS[backend].items()}
     if out.exists():
