@@ -62,11 +62,15 @@ def chat_image(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def run_chat(url: str, variant: str, chat: int, image: bytes, turns: int, max_tokens: int) -> list[Turn]:
-    """One chat of `turns` turns; the image goes with every turn, the history grows client-side."""
+def variant_client(url: str, variant: str):
     from client.mgm_client import MGMClient
 
-    client = MGMClient(url, model=f"{variant}_mgm_bls", timeout_s=600)
+    return MGMClient(url, model=f"{variant}_mgm_bls", timeout_s=600)
+
+
+def run_chat(url: str, variant: str, chat: int, image: bytes, turns: int, max_tokens: int) -> list[Turn]:
+    """One chat of `turns` turns; the image goes with every turn, the history grows client-side."""
+    client = variant_client(url, variant)
     history: list[tuple[str, str]] = []
     out = []
     for k in range(turns):
@@ -86,11 +90,7 @@ def run_chat(url: str, variant: str, chat: int, image: bytes, turns: int, max_to
 
 def warm_up(url: str, variant: str) -> None:
     """One short request per variant; its answer may be empty (2 random-weight tokens can be spaces)."""
-    from client.mgm_client import MGMClient
-
-    MGMClient(url, model=f"{variant}_mgm_bls", timeout_s=600).generate(
-        QUESTIONS[0], [chat_image(seed=7)], max_tokens=2, temperature=0.0
-    )
+    variant_client(url, variant).generate(QUESTIONS[0], [chat_image(seed=7)], max_tokens=2, temperature=0.0)
 
 
 def run_level(
