@@ -1,7 +1,9 @@
 """FLOPs of an ONNX graph, counted from its MatMul / Gemm / Conv nodes at given input shapes.
 
-A multiply-add counts as 2 FLOPs. Shapes come from ONNX shape inference after the graph inputs are
-pinned to the shapes asked for, so a dynamic batch is counted at the batch given. Element-wise ops,
+A multiply-add counts as 2 FLOPs. Shapes come from ONNX Runtime's symbolic shape inference after the
+graph inputs are pinned to the shapes asked for, so a dynamic batch is counted at the batch given. It
+follows shape arithmetic that onnx's own inference leaves unknown (an Expand to `batch * views` rows,
+computed from a Squeeze of a Shape, as the HD graph has). Element-wise ops,
 reductions and resizes are not counted: at these model sizes they are well under 1% of the products,
 and a FLOP floor is about the matmul units anyway.
 """
@@ -71,7 +73,17 @@ def count_flops(model, input_shapes: Mapping[str, Sequence[int]]) -> FlopCount:
     del graph.value_info[:]
     for out in graph.output:
         out.type.tensor_type.ClearField("shape")
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    # Inference reads the values of the initializers it meets; those stored outside the graph are
+    # weights, never shape arithmetic, so they become inputs of their known shape instead.
+    external = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    declared = {i.name for i in graph.input}
+    for init in external:
+        graph.initializer.remove(init)
+        if init.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inferred = SymbolicShapeInference.infer_shapes(model)
     shapes = dict(inits)
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         s = _shape(vi)

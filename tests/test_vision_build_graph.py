@@ -180,6 +180,29 @@ def test_flop_counter_on_a_known_graph(tmp_path, exporter):
         assert count_flops(path, {"x": (b, 3, 4, 4), "y": (b, 5, 7)}).total == want
 
 
+class _PerView(torch.nn.Module):
+    """Rows that depend on the batch through shape arithmetic, as in the HD graph: one learned row
+    per view, expanded to batch * 5 views before a product."""
+
+    def __init__(self):
+        super().__init__()
+        self.row = torch.nn.Parameter(torch.randn(1, 1, 8))
+        self.lin = torch.nn.Linear(8, 6)
+
+    def forward(self, x):
+        rows = self.row.expand(x.shape[0] * 5, 1, 8)
+        return self.lin(torch.cat([rows, x.repeat(5, 1, 1)], dim=1))
+
+
+def test_flop_counter_follows_batch_arithmetic_into_shapes(tmp_path):
+    x = torch.randn(2, 3, 8)
+    path = export_onnx(
+        _PerView().eval(), (x,), tmp_path / "views.onnx", ["x"], ["out"], {"x": {0: "b"}, "out": {0: "b"}}, log=None
+    )
+    for b in (1, 3):
+        assert count_flops(path, {"x": (b, 3, 8)}).total == 2 * (5 * b) * 4 * 8 * 6
+
+
 def test_reassociated_mining_is_30x_cheaper_at_mgm7b_sizes(exported, tmp_path):
     ref, _, new_path = exported("mgm7b")
     ref_path = export_onnx(ref, _inputs("mgm7b", 1, 0), tmp_path / "ref.onnx", ["lr", "hr"], ["tokens"], AXES, log=None)

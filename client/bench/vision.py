@@ -98,7 +98,14 @@ def inputs_for(cfg, batch: int):
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """This process's own peak RSS. getrusage's ru_maxrss is not: Linux carries it over fork and exec,
+    so a spawned child would report the parent's peak (the artifact builds') when that is higher."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,9 +230,9 @@ def ort_node_profile(onnx_path: Path, feeds: dict, threads: int, top: int = 15) 
 
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    from mgm_runtime.ort_runner import session_options
+
+    opts = session_options(threads)  # the artifact runner's own options
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(onnx_path).parent / "ort-profile")
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
