@@ -95,19 +95,20 @@ def test_ort_runner_reuses_the_first_runs_memory_at_a_new_batch_size(tmp_path):
     graph = helper.make_graph(
         nodes,
         "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1 << 20])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1 << 21])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "chain.onnx")
     runner = OrtRunner(tmp_path / "chain.onnx", threads=1)
-    for batch in (4, 8):
-        x = np.ones((batch, 1 << 20), np.float32)
+    # >= 64 MiB intermediates: above glibc's largest mmap threshold, so never recycled heap pages
+    for batch in (8, 16):
+        x = np.ones((batch, 1 << 21), np.float32)
         faults = []
         for _ in range(2):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             runner(x=x)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        pages = batch * (1 << 20) * 4 // 4096  # one intermediate
+        pages = batch * (1 << 21) * 4 // 4096  # one intermediate
         assert faults[0] > pages  # the first run does touch fresh memory (the check can see it)
         assert faults[1] < pages // 8, faults
 
